@@ -1,0 +1,22 @@
+"""latentmoe: DeepSeek-V3-style models (MLA, DeepSeekMoE, MTP) to train, serve and plan on modest hardware.
+
+``ModelConfig`` imports without torch; ``CausalLM`` (which needs torch) is imported on first use.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from latentmoe.config import ConfigError, ModelConfig
+
+if TYPE_CHECKING:
+    from latentmoe.model.transformer import CausalLM, CausalLMOutput
+
+__all__ = ["CausalLM", "CausalLMOutput", "ConfigError", "ModelConfig"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("CausalLM", "CausalLMOutput"):
+        from latentmoe.model import transformer
+
+        return getattr(transformer, name)
+    raise AttributeError(f"module 'latentmoe' has no attribute {name!r}")

@@ -1,0 +1,282 @@
+"""ModelConfig: the one configuration dataclass, with Hugging Face DeepSeek-V3 field names.
+
+A real DeepSeek-V3 / V2 ``config.json`` loads unchanged with :meth:`ModelConfig.from_json`; keys we do
+not model are kept in ``extra`` and written back by :meth:`ModelConfig.to_json`, so a round trip loses
+nothing. Presets live in ``latentmoe/presets/NAME.json`` (same format) and load with
+:meth:`ModelConfig.from_preset`.
+
+All validation happens in :meth:`ModelConfig.validate`, which raises :class:`ConfigError` naming the
+offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+PRESET_PACKAGE = "latentmoe.presets"
+
+SCORING_FUNCS = ("sigmoid", "softmax")
+TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+SUPPORTED_ROPE_TYPES = ("default", "yarn")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of a DeepSeek-V3-style model (field names as in HF ``config.json``).
+
+    ``q_lora_rank`` 0 or None means queries are projected directly (``q_proj``), as in DeepSeek-V2-Lite.
+    ``rope_scaling`` is None or a dict with ``type``/``rope_type`` "yarn" and the YaRN fields
+    (factor, original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim).
+    """
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_nextn_predict_layers: int = 1
+    num_attention_heads: int = 128
+    num_key_value_heads: int = 128
+    n_shared_experts: int = 1
+    n_routed_experts: int = 256
+    routed_scaling_factor: float = 2.5
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = 1536
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    qk_nope_head_dim: int = 128
+    topk_method: str = "noaux_tc"
+    n_group: int = 8
+    topk_group: int = 4
+    num_experts_per_tok: int = 8
+    moe_layer_freq: int = 1
+    first_k_dense_replace: int = 3
+    norm_topk_prob: bool = True
+    scoring_func: str = "sigmoid"
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 163840
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    model_type: str = "deepseek_v3"
+    # Keys of a config.json that this dataclass does not model; kept so to_json round-trips.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ derived quantities
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head query/key width: the non-positional part plus the decoupled RoPE part."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def uses_q_lora(self) -> bool:
+        return bool(self.q_lora_rank)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Layer ``layer_idx`` (0-based) has a DeepSeekMoE FFN instead of a dense SwiGLU."""
+        return (
+            self.n_routed_experts > 0
+            and layer_idx >= self.first_k_dense_replace
+            and layer_idx % self.moe_layer_freq == 0
+        )
+
+    @property
+    def yarn(self) -> dict[str, Any] | None:
+        """The YaRN settings, or None when rope_scaling is absent / default."""
+        rs = self.rope_scaling
+        if not rs:
+            return None
+        kind = rs.get("rope_type", rs.get("type", "default"))
+        return None if kind == "default" else rs
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(d_h + d_h^R), times mscale^2 under YaRN (TR eq. 10; REPO MLA.__init__)."""
+        scale = self.qk_head_dim**-0.5
+        yarn = self.yarn
+        if yarn is not None:
+            mscale_all_dim = yarn.get("mscale_all_dim", 0) or 0
+            if mscale_all_dim:
+                m = yarn_mscale(float(yarn["factor"]), float(mscale_all_dim))
+                scale = scale * m * m
+        return scale
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> ModelConfig:
+        """Check every constraint in one place; raise ConfigError naming the field. Returns self."""
+
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+        def non_negative(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "intermediate_size",
+            "max_position_embeddings",
+            "moe_layer_freq",
+        ):
+            positive(name)
+        for name in ("n_routed_experts", "n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
+            non_negative(name)
+        if self.q_lora_rank is not None:
+            non_negative("q_lora_rank")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"qk_rope_head_dim must be even for rotary pairs, got {self.qk_rope_head_dim}")
+        if not self.rms_norm_eps > 0:
+            raise ConfigError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+        if self.scoring_func not in SCORING_FUNCS:
+            raise ConfigError(f"scoring_func {self.scoring_func!r} is not one of {SCORING_FUNCS}")
+        if self.topk_method not in TOPK_METHODS:
+            raise ConfigError(f"topk_method {self.topk_method!r} is not one of {TOPK_METHODS}")
+        if self.n_routed_experts > 0:
+            for name in ("moe_intermediate_size", "num_experts_per_tok", "n_group", "topk_group"):
+                positive(name)
+            if self.topk_group > self.n_group:
+                raise ConfigError(f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group})")
+            if self.n_routed_experts % self.n_group:
+                raise ConfigError(
+                    f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})"
+                )
+            reachable = self.topk_group * (self.n_routed_experts // self.n_group)
+            if self.num_experts_per_tok > reachable:
+                raise ConfigError(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the {reachable} experts "
+                    f"in the topk_group={self.topk_group} chosen groups"
+                )
+            if not self.routed_scaling_factor > 0:
+                raise ConfigError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
+        if self.yarn is not None:
+            kind = self.yarn.get("rope_type", self.yarn.get("type"))
+            if kind not in SUPPORTED_ROPE_TYPES:
+                raise ConfigError(f"rope_scaling type {kind!r} is not one of {SUPPORTED_ROPE_TYPES}")
+            for key in ("factor", "original_max_position_embeddings"):
+                if key not in self.yarn:
+                    raise ConfigError(f"rope_scaling.{key} is required for YaRN")
+            if not float(self.yarn["factor"]) >= 1.0:
+                raise ConfigError(f"rope_scaling.factor must be >= 1, got {self.yarn['factor']}")
+        return self
+
+    # ------------------------------------------------------------------ (de)serialisation
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from a config.json dict; unknown keys go to ``extra``. Validates."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known}
+        extra.update(data.get("extra", {}) if isinstance(data.get("extra"), dict) else {})
+        extra.pop("extra", None)
+        if kwargs.get("q_lora_rank") == 0:
+            kwargs["q_lora_rank"] = None
+        try:
+            config = cls(**kwargs, extra=extra)
+        except TypeError as exc:  # pragma: no cover - dataclass signature errors
+            raise ConfigError(str(exc)) from None
+        return config.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A config.json dict with HF key names (``extra`` keys merged back in)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> ModelConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        return cls.from_dict(data)
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        """Write config.json atomically (temp file + rename)."""
+        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_preset(cls, name: str) -> ModelConfig:
+        """Load ``latentmoe/presets/NAME.json``."""
+        names = preset_names()
+        if name not in names:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(names)}")
+        text = resources.files(PRESET_PACKAGE).joinpath(f"{name}.json").read_text()
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes).validate()
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped presets."""
+    root = resources.files(PRESET_PACKAGE)
+    return sorted(p.name[: -len(".json")] for p in root.iterdir() if p.name.endswith(".json"))
+
+
+def load_config(name_or_path: str) -> ModelConfig:
+    """A preset name, a config.json path, or a directory holding config.json."""
+    if os.path.sep in name_or_path or name_or_path.endswith(".json") or Path(name_or_path).is_dir():
+        return ModelConfig.from_json(name_or_path)
+    return ModelConfig.from_preset(name_or_path)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN attention-temperature factor sqrt(1/t) = 0.1 * mscale * ln(s) + 1 (1 when s <= 1)."""
+    if scale <= 1.0:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same directory and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
