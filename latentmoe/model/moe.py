@@ -1,0 +1,259 @@
+"""DeepSeekMoE: shared + routed SwiGLU experts, sigmoid gating, auxiliary-loss-free balancing (TR §2.1.2).
+
+Routing for one token t (TR eq. 12–16; REPO ``Gate.forward``):
+
+1. affinities ``s_{t,i} = sigmoid(u_t · e_i)`` (softmax for DeepSeek-V2 configs);
+2. selection scores ``s_{t,i} + b_i`` where ``b`` is the load-balancing bias — an fp32 *buffer*,
+   never a parameter, changed only by :func:`update_bias` between optimizer steps;
+3. group-limited (node-limited) top-k: experts are split into ``n_group`` groups; a group's score is the
+   sum of its top-2 selection scores; only the best ``topk_group`` groups stay, the others are masked
+   with −inf (not 0, which could still win when every score is negative); then the top ``K_r`` experts;
+4. gate weights come from the *un-biased* affinities of the chosen experts, normalised to sum 1
+   (``norm_topk_prob``) and multiplied by ``routed_scaling_factor``.
+
+Routed experts are computed grouped by expert: the (token, expert) pairs are sorted by expert and each
+expert runs one matmul over its tokens, so the work is tokens × top-k, never tokens × experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentmoe.config import ModelConfig
+
+GROUP_SCORE_TOPK = 2  # TR §2.1.2: nodes ranked by the sum of the highest K_r/M = 8/4 = 2 affinities
+NORM_EPS = 1e-20  # keeps the normalisation finite when every chosen affinity is 0
+
+
+@dataclass
+class RouteResult:
+    """Output of :func:`route` for T tokens, E experts and K = num_experts_per_tok.
+
+    topk_idx_TK: int64 chosen expert ids; topk_weight_TK: gate weights (fp32, un-biased affinities,
+    normalised, scaled); scores_TE: the fp32 affinities s (sigmoid or softmax) before the bias.
+    """
+
+    topk_idx_TK: torch.Tensor
+    topk_weight_TK: torch.Tensor
+    scores_TE: torch.Tensor
+
+
+def route(
+    logits_TE: torch.Tensor,
+    bias_E: torch.Tensor | None,
+    *,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float,
+    norm_topk_prob: bool = True,
+    scoring_func: str = "sigmoid",
+    group_score: str = "top2_sum",
+) -> RouteResult:
+    """Select experts and gate weights from router logits (pure function).
+
+    ``group_score``: "top2_sum" (DeepSeek-V3 ``noaux_tc``) or "max" (DeepSeek-V2 ``group_limited_greedy``).
+    With ``n_group == 1`` the group step is skipped.
+    """
+    logits_TE = logits_TE.float()
+    if scoring_func == "sigmoid":
+        scores_TE = logits_TE.sigmoid()
+    elif scoring_func == "softmax":
+        scores_TE = logits_TE.softmax(dim=-1)
+    else:
+        raise ValueError(f"scoring_func {scoring_func!r} is not supported")
+    # The bias only changes *which* experts are chosen; the weights below use scores_TE.
+    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E.float()[None, :]
+    T, E = choice_TE.shape
+    if n_group > 1:
+        choice_TGe = choice_TE.view(T, n_group, E // n_group)
+        if group_score == "top2_sum":
+            k = min(GROUP_SCORE_TOPK, E // n_group)
+            group_TG = choice_TGe.topk(k, dim=-1).values.sum(dim=-1)
+        elif group_score == "max":
+            group_TG = choice_TGe.amax(dim=-1)
+        else:
+            raise ValueError(f"group_score {group_score!r} is not supported")
+        keep_group_TM = group_TG.topk(topk_group, dim=-1).indices
+        keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, keep_group_TM, True)
+        choice_TE = choice_TGe.masked_fill(~keep_TG[:, :, None], float("-inf")).view(T, E)
+    topk_idx_TK = choice_TE.topk(top_k, dim=-1).indices
+    weight_TK = scores_TE.gather(1, topk_idx_TK)
+    if norm_topk_prob:
+        weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + NORM_EPS)
+    return RouteResult(topk_idx_TK, weight_TK * routed_scaling_factor, scores_TE)
+
+
+def update_bias(bias_E: torch.Tensor, load_E: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Auxiliary-loss-free update (TR §2.1.2): b_i − γ·sign(load_i − mean load). Returns a new tensor.
+
+    Overloaded experts become less attractive to the selection, underloaded ones more.
+    """
+    load_E = load_E.to(bias_E.dtype)
+    return bias_E - gamma * torch.sign(load_E - load_E.mean())
+
+
+def expert_counts(topk_idx_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Number of (token, expert) assignments per expert, fp32 ``[E]``."""
+    return torch.bincount(topk_idx_TK.reshape(-1), minlength=n_experts).float()
+
+
+def sequence_balance_loss(
+    scores_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor, n_experts: int
+) -> torch.Tensor:
+    """Complementary sequence-wise balance loss Σ_i f_i·P_i, averaged over sequences (TR eq. 17–20).
+
+    f_i = N_r / (K_r·T) · #{t : i ∈ TopK(t)} (no gradient); P_i = mean_t s'_{t,i} with s' = s / Σ_j s_j.
+    The caller multiplies by α (1e-4 in the TR).
+    """
+    B, S, K = topk_idx_BSK.shape
+    counts_BE = torch.zeros(B, n_experts, device=scores_BSE.device)
+    counts_BE.scatter_add_(1, topk_idx_BSK.reshape(B, S * K), torch.ones(B, S * K, device=scores_BSE.device))
+    f_BE = counts_BE * (n_experts / (K * S))
+    p_BE = (scores_BSE / scores_BSE.sum(dim=-1, keepdim=True).clamp_min(NORM_EPS)).mean(dim=1)
+    return (f_BE * p_BE).sum(dim=-1).mean()
+
+
+def swiglu(x_ND: torch.Tensor, gate_ID: torch.Tensor, up_ID: torch.Tensor, down_DI: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate x) * up x) for one expert's weights."""
+    return F.linear(F.silu(F.linear(x_ND, gate_ID)) * F.linear(x_ND, up_ID), down_DI)
+
+
+class Router(nn.Module):
+    """The gate: ``weight [E, D]`` (HF ``mlp.gate.weight``) and the selection bias buffer.
+
+    ``e_score_correction_bias`` (HF name) is fp32 state updated by the trainer outside autograd.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        uses_bias = config.topk_method == "noaux_tc"
+        bias = torch.zeros(config.n_routed_experts, dtype=torch.float32) if uses_bias else None
+        self.register_buffer("e_score_correction_bias", bias)
+
+    def forward(self, x_TD: torch.Tensor) -> RouteResult:
+        c = self.config
+        # The router runs in fp32 even under autocast (TR §3.3.1: gating stays in high precision).
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
+        return route(
+            logits_TE,
+            self.e_score_correction_bias,
+            top_k=c.num_experts_per_tok,
+            n_group=c.n_group,
+            topk_group=c.topk_group,
+            routed_scaling_factor=c.routed_scaling_factor,
+            norm_topk_prob=c.norm_topk_prob,
+            scoring_func=c.scoring_func,
+            group_score="max" if c.topk_method == "group_limited_greedy" else "top2_sum",
+        )
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts with stacked weights: gate/up ``[E, I, D]``, down ``[E, D, I]``."""
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+
+    def expert_ffn(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of expert ``e`` on its tokens."""
+        return swiglu(x_ND, self.gate_proj[e], self.up_proj[e], self.down_proj[e])
+
+    def forward(
+        self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor
+    ) -> torch.Tensor:
+        """Σ_k weight[t,k] · FFN_{idx[t,k]}(x_t), computed grouped by expert. Returns ``[T, D]``."""
+        T, K = topk_idx_TK.shape
+        expert_A = topk_idx_TK.reshape(-1)  # A = T*K assignments
+        order_A = expert_A.argsort(stable=True)
+        token_A = order_A // K
+        counts = torch.bincount(expert_A, minlength=self.n_experts).tolist()
+        x_AD = x_TD[token_A]
+        # unbind once: indexing the stacked weight per expert would cost a full-size zero gradient each.
+        weights = zip(self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0), strict=True)
+        outputs, start = [], 0
+        for (gate_ID, up_ID, down_DI), n in zip(weights, counts, strict=True):
+            if n:
+                outputs.append(swiglu(x_AD[start : start + n], gate_ID, up_ID, down_DI))
+                start += n
+        if not outputs:
+            return torch.zeros_like(x_TD)
+        y_AD = torch.cat(outputs) * topk_weight_TK.reshape(-1)[order_A, None].to(x_TD.dtype)
+        return torch.zeros_like(x_TD, dtype=y_AD.dtype).index_add_(0, token_A, y_AD).to(x_TD.dtype)
+
+
+def experts_reference(
+    experts: Experts, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor
+) -> torch.Tensor:
+    """Naive per-token, per-choice loop — the reference the grouped path is tested against."""
+    rows = []
+    for t in range(x_TD.shape[0]):
+        acc = torch.zeros_like(x_TD[t])
+        for k in range(topk_idx_TK.shape[1]):
+            e = int(topk_idx_TK[t, k])
+            acc = acc + topk_weight_TK[t, k].to(x_TD.dtype) * experts.expert_ffn(e, x_TD[t : t + 1])[0]
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU FFN (first ``first_k_dense_replace`` layers, and the shared experts)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class MoEOutput:
+    """hidden_BSD: the FFN output; load_E: assignments per expert (fp32, detached);
+    balance_loss: unweighted sequence-wise balance loss (scalar)."""
+
+    hidden_BSD: torch.Tensor
+    load_E: torch.Tensor
+    balance_loss: torch.Tensor
+
+
+class MoE(nn.Module):
+    """Shared experts (always active, one SwiGLU of width n_shared·moe_intermediate) + routed experts."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.gate = Router(config)
+        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+
+    def forward(self, x_BSD: torch.Tensor) -> MoEOutput:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        routing = self.gate(x_TD)
+        y_TD = self.experts(x_TD, routing.topk_idx_TK, routing.topk_weight_TK)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        E, K = self.config.n_routed_experts, self.config.num_experts_per_tok
+        balance = (
+            sequence_balance_loss(routing.scores_TE.view(B, S, E), routing.topk_idx_TK.view(B, S, K), E)
+            if self.training
+            else x_BSD.new_zeros((), dtype=torch.float32)
+        )
+        return MoEOutput(y_TD.view(B, S, D), expert_counts(routing.topk_idx_TK, E), balance)

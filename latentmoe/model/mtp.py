@@ -1,0 +1,85 @@
+"""Multi-Token Prediction (TR §2.2, eq. 21–25); the label shift is tabulated in docs/mtp.md.
+
+Module k (1-based, D modules in sequence) at position i combines
+
+    h'_i^k = M_k [ RMSNorm(Emb(t_{i+k})) ; RMSNorm(h_i^{k-1}) ]        (``enorm``, ``hnorm``, ``eh_proj``)
+
+runs one transformer block over h'^k (causal over positions), and predicts t_{i+k+1} with the output
+head shared with the main model, after its own ``shared_head.norm``. The concatenation order
+[embedding; hidden] is the one the official checkpoints are laid out in (vLLM/SGLang read them so);
+the TR's eq. 21 writes the two halves the other way round. h^0 is the main model's final hidden state
+after its last RMSNorm (what its head reads); h^k for k ≥ 1 is module k's block output.
+
+Losses: L_main = CE(logits_i, t_{i+1}); L_MTP^k = CE(mtp_logits^k_i, t_{i+k+1}) over the positions that
+have such a target; L = L_main + λ/D · Σ_k L_MTP^k (λ = 0.3 in the TR's first 10T tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentmoe.config import ModelConfig
+from latentmoe.model.norm import RMSNorm
+
+
+class SharedHead(nn.Module):
+    """The MTP module's own final norm; the projection itself is the main model's ``lm_head``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MTPModule(nn.Module):
+    """One MTP depth: ``enorm``, ``hnorm``, ``eh_proj`` [D, 2D], a transformer ``block``, ``shared_head.norm``."""
+
+    def __init__(self, config: ModelConfig, block: nn.Module):
+        super().__init__()
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.block = block
+        self.shared_head = SharedHead(config)
+
+    def combine(self, prev_hidden_BSD: torch.Tensor, future_embed_BSD: torch.Tensor) -> torch.Tensor:
+        """h' = M [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)]."""
+        return self.eh_proj(torch.cat([self.enorm(future_embed_BSD), self.hnorm(prev_hidden_BSD)], dim=-1))
+
+
+def shift_tokens_left(input_ids_BS: torch.Tensor, k: int, pad_id: int = 0) -> torch.Tensor:
+    """``out[:, i] = input_ids[:, i + k]``; the last k positions (no such token) hold ``pad_id``."""
+    if k == 0:
+        return input_ids_BS
+    return F.pad(input_ids_BS[:, k:], (0, k), value=pad_id)
+
+
+@dataclass
+class LMLoss:
+    """total = main + λ/D·Σ mtp (scalar tensors; ``mtp`` has one entry per depth)."""
+
+    total: torch.Tensor
+    main: torch.Tensor
+    mtp: list[torch.Tensor]
+
+
+def next_token_loss(logits_BSV: torch.Tensor, input_ids_BS: torch.Tensor, ahead: int = 1) -> torch.Tensor:
+    """Mean CE of ``logits[:, i]`` against ``t[:, i + ahead]`` over the positions that have that target."""
+    S = input_ids_BS.shape[1]
+    if S <= ahead:
+        raise ValueError(f"a sequence of {S} tokens has no target {ahead} positions ahead")
+    pred = logits_BSV[:, : S - ahead].float()
+    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), input_ids_BS[:, ahead:].reshape(-1))
+
+
+def causal_lm_loss(out, input_ids_BS: torch.Tensor, *, mtp_lambda: float = 0.3) -> LMLoss:
+    """Main next-token loss plus the λ/D-weighted MTP losses (depth k predicts k+1 tokens ahead)."""
+    main = next_token_loss(out.logits, input_ids_BS, ahead=1)
+    mtp = [next_token_loss(logits, input_ids_BS, ahead=k + 1) for k, logits in enumerate(out.mtp_logits, 1)]
+    total = main
+    if mtp:
+        total = main + mtp_lambda / len(mtp) * torch.stack(mtp).sum()
+    return LMLoss(total=total, main=main, mtp=mtp)

@@ -1,0 +1,225 @@
+"""Block, DeepseekModel and CausalLM: the DeepSeek-V3 stack (TR §2, Fig. 2–3).
+
+    tokens → embed_tokens → [Block: x + MLA(RMSNorm x); x + FFN(RMSNorm x)] × L → norm → lm_head
+                                                                      ↘ MTP modules (mtp.py) → lm_head
+
+The FFN is a dense SwiGLU in the first ``first_k_dense_replace`` layers and DeepSeekMoE after that.
+Parameter names follow the Hugging Face DeepSeek-V3 layout (``model.layers.N.self_attn.*``,
+``model.layers.N.mlp.*``) except that routed experts are stacked per layer and MTP modules live in
+``mtp.K`` rather than ``model.layers.{L+K}``; ``latentmoe.hf`` maps between the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from latentmoe.config import ModelConfig
+from latentmoe.model.mla import MLA, LatentCache
+from latentmoe.model.moe import MLP, Experts, MoE, Router, update_bias
+from latentmoe.model.mtp import MTPModule, shift_tokens_left
+from latentmoe.model.norm import RMSNorm
+from latentmoe.model.rope import RotaryEmbedding
+
+
+@dataclass
+class BlockOutput:
+    hidden_BSD: torch.Tensor
+    load_E: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: MLA then a dense or MoE FFN, each with a residual."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        cos_SR: torch.Tensor,
+        sin_SR: torch.Tensor,
+        *,
+        cache: LatentCache | None = None,
+        start_pos: int = 0,
+    ) -> BlockOutput:
+        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos_SR, sin_SR, cache=cache, start_pos=start_pos)
+        h_BSD = self.post_attention_layernorm(x_BSD)
+        if self.is_moe:
+            moe = self.mlp(h_BSD)
+            return BlockOutput(x_BSD + moe.hidden_BSD, moe.load_E, moe.balance_loss)
+        return BlockOutput(x_BSD + self.mlp(h_BSD))
+
+
+class DeepseekModel(nn.Module):
+    """Embedding, the L blocks and the final norm (HF ``model.*``)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+@dataclass
+class CausalLMOutput:
+    """Result of :meth:`CausalLM.forward` for input_ids ``[B, S]``.
+
+    logits: ``[B, S, V]``, position i predicts token i+1.
+    mtp_logits: one ``[B, S, V]`` per MTP depth k; position i predicts token i+k+1. The last k+1
+        positions have no target in the sequence and hold values computed from padding (ignore them).
+    expert_load: ``[n_moe_layers, n_routed_experts]`` fp32 assignment counts, main-model MoE layers first
+        then MTP blocks' (the order of :meth:`CausalLM.moe_layers`); empty rows-dimension if no MoE.
+    balance_loss: Σ over MoE layers of the unweighted sequence-wise balance loss (0 in eval mode).
+    hidden: ``[B, S, D]`` final hidden state after the last norm (what the head reads; MTP depth 1 input).
+    """
+
+    logits: torch.Tensor
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
+    expert_load: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+
+class CausalLM(nn.Module):
+    """DeepSeek-V3-style causal LM with MTP heads. ``forward(input_ids_BS) -> CausalLMOutput``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.model = DeepseekModel(config)
+        self.rotary = RotaryEmbedding(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        L = config.num_hidden_layers
+        self.mtp = nn.ModuleList(
+            MTPModule(config, Block(config, L + k)) for k in range(config.num_nextn_predict_layers)
+        )
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init and bookkeeping
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) for every matrix and expert tensor; norms to 1; biases to 0."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, Experts):
+                for w in (module.gate_proj, module.up_proj, module.down_proj):
+                    nn.init.normal_(w, std=std)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, std=std)
+                if module.e_score_correction_bias is not None:
+                    module.e_score_correction_bias.zero_()
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def moe_layers(self) -> list[MoE]:
+        """MoE FFNs in ``expert_load`` row order: main-model layers, then MTP blocks."""
+        blocks = list(self.model.layers) + [m.block for m in self.mtp]
+        return [b.mlp for b in blocks if b.is_moe]
+
+    @torch.no_grad()
+    def update_router_biases(self, expert_load_LE: torch.Tensor, gamma: float) -> None:
+        """Aux-loss-free balancing after an optimizer step: b −= γ·sign(load − mean), per MoE layer.
+
+        The bias is a buffer, changed here outside autograd; it steers selection only.
+        """
+        for moe, load_E in zip(self.moe_layers(), expert_load_LE, strict=True):
+            bias = moe.gate.e_score_correction_bias
+            if bias is not None:
+                bias.copy_(update_bias(bias, load_E, gamma))
+
+    def num_parameters(self, *, include_mtp: bool = True, include_router_bias: bool = False) -> int:
+        """Trainable parameters, shared tensors counted once.
+
+        ``include_router_bias`` adds the routers' ``e_score_correction_bias`` buffers, which are stored
+        in checkpoints but are not trained by the optimizer; the paper's 671,026,419,200 counts them.
+        """
+        seen: set[int] = set()
+        total = 0
+        tensors = list(self.named_parameters())
+        if include_router_bias:
+            tensors += [(n, b) for n, b in self.named_buffers() if n.endswith("e_score_correction_bias")]
+        for name, p in tensors:
+            if not include_mtp and name.startswith("mtp."):
+                continue
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        return total
+
+    def new_cache(self, *, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> LatentCache:
+        """A latent KV cache for the main model's layers (the MTP blocks are not cached here)."""
+        p = self.lm_head.weight
+        return LatentCache(
+            self.config,
+            batch_size=batch_size,
+            max_length=max_length,
+            num_layers=self.config.num_hidden_layers,
+            dtype=dtype or p.dtype,
+            device=p.device,
+        )
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids_BS: torch.Tensor,
+        *,
+        cache: LatentCache | None = None,
+        start_pos: int = 0,
+        compute_mtp: bool = True,
+    ) -> CausalLMOutput:
+        """Logits for every position; with ``cache``, positions start at ``start_pos`` and the latent
+        KV of these positions is written into it (then ``cache.length`` is advanced)."""
+        S = input_ids_BS.shape[1]
+        positions_S = torch.arange(start_pos, start_pos + S, device=input_ids_BS.device)
+        if start_pos + S > self.config.max_position_embeddings:
+            raise ValueError(
+                f"position {start_pos + S - 1} exceeds max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        cos_SR, sin_SR = self.rotary(positions_S)
+        x_BSD = self.model.embed_tokens(input_ids_BS)
+        loads: list[torch.Tensor] = []
+        balance = x_BSD.new_zeros((), dtype=torch.float32)
+        for block in self.model.layers:
+            out = block(x_BSD, cos_SR, sin_SR, cache=cache, start_pos=start_pos)
+            x_BSD = out.hidden_BSD
+            if out.load_E is not None:
+                loads.append(out.load_E)
+                balance = balance + out.balance_loss
+        hidden_BSD = self.model.norm(x_BSD)
+        logits = self.lm_head(hidden_BSD)
+        if cache is not None:
+            cache.length = start_pos + S
+
+        mtp_logits = []
+        if compute_mtp and len(self.mtp) and cache is None:
+            prev_BSD = hidden_BSD
+            for k, module in enumerate(self.mtp, 1):
+                future_BSD = self.model.embed_tokens(shift_tokens_left(input_ids_BS, k))
+                out = module.block(module.combine(prev_BSD, future_BSD), cos_SR, sin_SR)
+                prev_BSD = out.hidden_BSD
+                if out.load_E is not None:
+                    loads.append(out.load_E)
+                    balance = balance + out.balance_loss
+                mtp_logits.append(self.lm_head(module.shared_head.norm(prev_BSD)))
+
+        expert_load = torch.stack(loads) if loads else torch.zeros(0, self.config.n_routed_experts)
+        return CausalLMOutput(logits, mtp_logits, expert_load.detach(), balance, hidden_BSD)
