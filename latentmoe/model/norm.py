@@ -15,6 +15,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        compute_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for references
+        xc = x.to(compute_dtype)
+        normed = xc * torch.rsqrt(xc.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.to(compute_dtype)).to(x.dtype)

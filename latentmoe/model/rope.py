@@ -84,7 +84,7 @@ def apply_rotary(x_BSHD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tenso
 
     ``x_BSHD``: [batch, seq, heads, rope_dim]; ``cos_SR``/``sin_SR``: [seq, rope_dim/2].
     """
-    x = x_BSHD.float().unflatten(-1, (-1, 2))
+    x = x_BSHD.to(torch.promote_types(x_BSHD.dtype, torch.float32)).unflatten(-1, (-1, 2))
     real, imag = x[..., 0], x[..., 1]
     cos, sin = cos_SR[None, :, None, :], sin_SR[None, :, None, :]
     rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)

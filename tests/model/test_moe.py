@@ -1,0 +1,123 @@
+"""DeepSeekMoE routing, balancing and grouped experts against hand-made cases and naive loops."""
+
+import torch
+
+from latentmoe import ModelConfig
+from latentmoe.model.moe import Experts, MoE, experts_reference, route, update_bias
+
+V3 = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
+
+
+def test_v3_router_selects_within_topk_groups_and_weights_sum_to_scale():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 256) * 3
+    bias = torch.randn(256) * 0.1
+    r = route(logits, bias, **V3)
+    groups = r.topk_idx_TK // 32
+    assert all(len(set(g.tolist())) <= 4 for g in groups)  # paper check §16.13: at most M=4 nodes
+    assert all(len(set(t.tolist())) == 8 for t in r.topk_idx_TK)
+    torch.testing.assert_close(r.topk_weight_TK.sum(-1), torch.full((64,), 2.5))
+    # weights are the un-biased sigmoid affinities of the chosen experts, renormalised, x2.5
+    s = logits.sigmoid().gather(1, r.topk_idx_TK)
+    torch.testing.assert_close(r.topk_weight_TK, s / s.sum(-1, keepdim=True) * 2.5)
+
+
+def test_group_score_is_sum_of_top2_biased_scores_by_hand():
+    # 4 experts in 2 groups of 2, keep 1 group, pick 1 expert.
+    # sigmoid(0)=0.5. Group A = experts 0,1 ; group B = 2,3.
+    logits = torch.tensor([[4.0, -4.0, 1.0, 1.0]])
+    # top-2 sums: A = s(4)+s(-4) = 1.0 ; B = 2*s(1) = 1.462 -> group B wins although expert 0 is the best
+    r = route(logits, None, top_k=1, n_group=2, topk_group=1, routed_scaling_factor=1.0)
+    assert r.topk_idx_TK.item() in (2, 3)
+    # with max-per-group scoring (V2's group_limited_greedy) group A wins
+    r2 = route(logits, None, top_k=1, n_group=2, topk_group=1, routed_scaling_factor=1.0, group_score="max")
+    assert r2.topk_idx_TK.item() == 0
+
+
+def test_masked_groups_never_win_even_when_all_scores_negative():
+    # softmax/sigmoid scores are positive, but biased selection scores can all be negative:
+    # masking with 0 would let a masked group win; -inf must not.
+    logits = torch.tensor([[0.0, 0.0, -1.0, -1.0, -1.0, -1.0]])
+    bias = torch.tensor([-5.0, -5.0, -10.0, -10.0, -10.0, -10.0])
+    r = route(logits, bias, top_k=2, n_group=3, topk_group=1, routed_scaling_factor=1.0)
+    assert sorted(r.topk_idx_TK[0].tolist()) == [0, 1]
+
+
+def test_bias_changes_selection_but_not_weight_formula():
+    torch.manual_seed(1)
+    logits = torch.randn(32, 16)
+    kw = dict(top_k=4, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    plain = route(logits, torch.zeros(16), **kw)
+    bias = torch.zeros(16)
+    bias[plain.topk_idx_TK[0, 0]] = -10.0  # push token 0's favourite expert out
+    biased = route(logits, bias, **kw)
+    assert not torch.equal(plain.topk_idx_TK, biased.topk_idx_TK)
+    s = logits.sigmoid().gather(1, biased.topk_idx_TK)
+    torch.testing.assert_close(biased.topk_weight_TK, s / s.sum(-1, keepdim=True) * 2.5)
+
+
+def test_zero_affinities_give_no_nan():
+    logits = torch.full((3, 8), -1e4)  # sigmoid underflows to exactly 0
+    r = route(logits, None, top_k=2, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    assert torch.isfinite(r.topk_weight_TK).all()
+    sm = route(torch.zeros(3, 8), None, top_k=2, n_group=1, topk_group=1, routed_scaling_factor=1.0,
+               scoring_func="softmax", norm_topk_prob=False)
+    torch.testing.assert_close(sm.topk_weight_TK, torch.full((3, 2), 1 / 8))
+
+
+def test_bias_update_golden_example():
+    bias = torch.zeros(4)
+    load = torch.tensor([10.0, 2.0, 4.0, 4.0])  # mean 5
+    torch.testing.assert_close(update_bias(bias, load, 0.001), torch.tensor([-0.001, 0.001, 0.001, 0.001]))
+
+
+def test_bias_update_drives_skewed_load_toward_balance():
+    torch.manual_seed(2)
+    T, E = 512, 16
+    # a strong per-expert skew: experts 0..3 are favoured by every token
+    logits = torch.randn(T, E) * 0.5
+    logits[:, :4] += 2.0
+    kw = dict(top_k=4, n_group=4, topk_group=2, routed_scaling_factor=1.0)
+    bias = torch.zeros(E)
+
+    def imbalance(b):
+        load = torch.bincount(route(logits, b, **kw).topk_idx_TK.flatten(), minlength=E).float()
+        return (load.max() / load.mean()).item(), load
+
+    start, _ = imbalance(bias)
+    for _ in range(300):
+        _, load = imbalance(bias)
+        bias = update_bias(bias, load, 0.01)
+    end, _ = imbalance(bias)
+    assert start > 3.0  # the four favoured experts take nearly everything
+    assert end < 1.5
+
+
+def test_grouped_experts_equal_per_token_loop():
+    torch.manual_seed(3)
+    experts = Experts(6, 16, 24)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(40, 16, dtype=torch.float64)
+    experts = experts.double()
+    idx = torch.randint(0, 6, (40, 3))
+    idx[:, 1] = (idx[:, 0] + 1) % 6
+    idx[:, 2] = (idx[:, 0] + 2) % 6
+    w = torch.rand(40, 3, dtype=torch.float64)
+    torch.testing.assert_close(experts(x, idx, w), experts_reference(experts, x, idx, w))
+
+
+def test_moe_layer_reports_load_and_grads_flow_to_chosen_experts_only():
+    torch.manual_seed(4)
+    config = ModelConfig.from_preset("tiny")
+    moe = MoE(config)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(1, 3, config.hidden_size)
+    out = moe(x)
+    assert out.load_E.sum().item() == 3 * config.num_experts_per_tok
+    out.hidden_BSD.sum().backward()
+    used = out.load_E > 0
+    grad_norm = moe.experts.gate_proj.grad.flatten(1).norm(dim=1)
+    assert torch.all(grad_norm[used] > 0) and torch.all(grad_norm[~used] == 0)
+    assert moe.gate.e_score_correction_bias.grad is None and not moe.gate.e_score_correction_bias.requires_grad

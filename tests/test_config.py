@@ -1,0 +1,64 @@
+"""ModelConfig: presets, HF config.json round trip, validation that names the field."""
+
+import json
+
+import pytest
+
+from latentmoe.config import ConfigError, ModelConfig, preset_names
+
+
+def test_presets_load_and_validate():
+    assert {"tiny", "small", "deepseek-v3"} <= set(preset_names())
+    v3 = ModelConfig.from_preset("deepseek-v3")
+    # paper.md §1.1
+    assert (v3.hidden_size, v3.num_hidden_layers, v3.num_attention_heads) == (7168, 61, 128)
+    assert (v3.q_lora_rank, v3.kv_lora_rank, v3.qk_nope_head_dim, v3.qk_rope_head_dim) == (1536, 512, 128, 64)
+    assert (v3.n_routed_experts, v3.num_experts_per_tok, v3.n_group, v3.topk_group) == (256, 8, 8, 4)
+    assert v3.vocab_size == 129280 and v3.first_k_dense_replace == 3 and v3.routed_scaling_factor == 2.5
+
+
+def test_json_round_trip_keeps_unknown_keys(tmp_path):
+    data = ModelConfig.from_preset("tiny").to_dict()
+    data["quantization_config"] = {"fmt": "e4m3", "weight_block_size": [128, 128]}
+    data["some_future_key"] = 7
+    src = tmp_path / "config.json"
+    src.write_text(json.dumps(data))
+    config = ModelConfig.from_json(src)
+    assert config.extra["some_future_key"] == 7
+    config.to_json(tmp_path / "out.json")
+    assert json.loads((tmp_path / "out.json").read_text()) == data
+
+
+def test_q_lora_rank_zero_means_no_query_compression():
+    config = ModelConfig.from_preset("tiny").to_dict()
+    config["q_lora_rank"] = 0
+    assert not ModelConfig.from_dict(config).uses_q_lora
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"topk_group": 5}, "topk_group"),
+        ({"n_routed_experts": 10}, "n_routed_experts"),
+        ({"num_experts_per_tok": 5}, "num_experts_per_tok"),
+        ({"hidden_size": 0}, "hidden_size"),
+        ({"kv_lora_rank": -4}, "kv_lora_rank"),
+        ({"scoring_func": "relu"}, "scoring_func"),
+        ({"qk_rope_head_dim": 7}, "qk_rope_head_dim"),
+        ({"rope_scaling": {"type": "yarn"}}, "rope_scaling.factor"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2}}, "rope_scaling"),
+    ],
+)
+def test_validation_names_the_bad_field(changes, field):
+    data = ModelConfig.from_preset("tiny").to_dict() | changes
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig.from_dict(data)
+
+
+def test_unknown_preset_and_bad_json_give_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        ModelConfig.from_preset("nope")
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelConfig.from_json(bad)
