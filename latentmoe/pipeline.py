@@ -1,0 +1,159 @@
+"""End-to-end jobs that tie data, model, trainer and generation together (used by the CLI and the demo).
+
+``train_on_corpus`` trains any config on the shipped corpus; ``run_demo`` is what ``make demo`` runs:
+train the ``small`` preset, compare its validation loss with a unigram baseline, write plots, and
+sample a few continuations. Nothing here parses argv or prints: results come back as dataclasses.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from latentmoe.config import ModelConfig, load_config
+from latentmoe.data import (
+    encode_splits,
+    load_corpus,
+    load_or_train_tokenizer,
+    random_windows,
+    unigram_cross_entropy,
+    val_batches,
+)
+from latentmoe.infer import SamplingParams, generate_text
+from latentmoe.model.transformer import CausalLM
+from latentmoe.train.checkpoint import latest_checkpoint, load_model, resolve_checkpoint
+from latentmoe.train.trainer import TrainConfig, TrainResult, train
+
+TOKENIZER_FILE = "tokenizer.json"
+CACHE_ENV = "LATENTMOE_CACHE"
+DEMO_PROMPTS = ("ROMEO:", "To be, or not to be", "KING HENRY:\nWhat")
+
+
+@dataclass
+class PreparedData:
+    tokenizer: object
+    train_ids: torch.Tensor
+    val_ids: torch.Tensor
+
+
+def default_cache_dir() -> Path:
+    """Where tokenizers and encoded corpora are cached: ``$LATENTMOE_CACHE`` or ~/.cache/latentmoe."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "latentmoe")
+
+
+def prepare_data(vocab_size: int, cache_dir: Path | None = None) -> PreparedData:
+    """Tokenizer (trained once and cached) and the encoded train/validation token ids."""
+    cache_dir = cache_dir or default_cache_dir()
+    splits = load_corpus()
+    tokenizer = load_or_train_tokenizer(vocab_size, cache_dir)
+    tokens = encode_splits(tokenizer, splits, cache_dir)
+    return PreparedData(tokenizer, tokens.train, tokens.val)
+
+
+def train_on_corpus(
+    cfg: TrainConfig,
+    *,
+    model_spec: str,
+    resume: bool = False,
+    progress: bool = True,
+    cache_dir: Path | None = None,
+) -> tuple[TrainResult, PreparedData]:
+    """Train the model described by ``model_spec`` (preset name or config.json) on the shipped corpus.
+
+    On ``resume`` the model shape comes from the newest checkpoint in ``cfg.out_dir``. The tokenizer is
+    copied to ``out_dir/tokenizer.json`` so that ``generate`` finds it next to the checkpoints.
+    """
+    out_dir = Path(cfg.out_dir)
+    latest = latest_checkpoint(out_dir) if resume else None
+    config = ModelConfig.from_json(latest) if latest is not None else load_config(model_spec)
+    data = prepare_data(config.vocab_size, cache_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer_path = out_dir / TOKENIZER_FILE
+    tmp = tokenizer_path.with_suffix(".json.tmp")
+    data.tokenizer.save(str(tmp))
+    tmp.replace(tokenizer_path)
+
+    torch.manual_seed(cfg.seed)
+    model = CausalLM(config)
+    train_ids, val_ids = data.train_ids, data.val_ids
+
+    def batch_fn(step: int) -> torch.Tensor:
+        return random_windows(train_ids, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, step=step)
+
+    def val_fn():
+        return val_batches(val_ids, batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=cfg.eval_batches)
+
+    result = train(cfg, batch_fn=batch_fn, model=model, val_fn=val_fn, resume=resume, progress=progress)
+    return result, data
+
+
+def find_tokenizer(checkpoint: Path):
+    """``tokenizer.json`` inside the checkpoint directory or in its run directory."""
+    from tokenizers import Tokenizer
+
+    for candidate in (checkpoint / TOKENIZER_FILE, checkpoint.parent / TOKENIZER_FILE):
+        if candidate.is_file():
+            return Tokenizer.from_file(str(candidate))
+    raise FileNotFoundError(f"no {TOKENIZER_FILE} in {checkpoint} or {checkpoint.parent}")
+
+
+def load_for_generation(checkpoint: str | Path):
+    """``(model, tokenizer)`` from a checkpoint directory or a run directory (its newest checkpoint)."""
+    path = resolve_checkpoint(checkpoint)
+    model, _ = load_model(path)
+    return model, find_tokenizer(path)
+
+
+@dataclass
+class DemoResult:
+    train: TrainResult
+    unigram_val_loss: float
+    num_parameters: int
+    num_active_parameters: int
+    samples: list[tuple[str, str]] = field(default_factory=list)
+
+
+def active_parameters(config: ModelConfig) -> int:
+    """Parameters used per token by the main model: experts beyond the top-k (unused) are excluded."""
+    with torch.device("meta"):
+        model = CausalLM(config)
+    total = model.num_parameters(include_mtp=False)
+    per_expert = 3 * config.hidden_size * config.moe_intermediate_size
+    n_moe = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    idle = n_moe * (config.n_routed_experts - config.num_experts_per_tok) * per_expert
+    return total - idle
+
+
+def run_demo(
+    cfg: TrainConfig,
+    *,
+    model_spec: str = "small",
+    prompts: tuple[str, ...] = DEMO_PROMPTS,
+    sample_tokens: int = 80,
+    progress: bool = True,
+    cache_dir: Path | None = None,
+) -> DemoResult:
+    """Train on the shipped corpus from scratch (a previous demo run in ``out_dir`` is replaced),
+    then sample continuations of ``prompts`` from the final checkpoint."""
+    out_dir = Path(cfg.out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    result, data = train_on_corpus(cfg, model_spec=model_spec, progress=progress, cache_dir=cache_dir)
+    model, _ = load_model(result.checkpoint)
+    vocab = model.config.vocab_size
+    unigram = unigram_cross_entropy(data.train_ids, data.val_ids, vocab)
+    samples = []
+    for i, prompt in enumerate(prompts):
+        params = SamplingParams(max_tokens=sample_tokens, temperature=0.8, top_p=0.95, seed=cfg.seed + i)
+        samples.append((prompt, generate_text(model, data.tokenizer, prompt, params)))
+    return DemoResult(
+        train=result,
+        unigram_val_loss=unigram,
+        num_parameters=model.num_parameters(),
+        num_active_parameters=active_parameters(model.config),
+        samples=samples,
+    )
