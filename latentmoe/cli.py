@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="small", help=argparse.SUPPRESS)
     p.add_argument("--out", default="runs/demo", help="run directory, replaced (default %(default)s)")
     p.add_argument("--sample-tokens", type=positive_int, default=80)
-    add_train_options(p, steps=300, batch_size=16, seq_len=128)
+    add_train_options(p, steps=200, batch_size=16, seq_len=128)
     p.set_defaults(func=cmd_demo, eval_every=100)
 
     try:
