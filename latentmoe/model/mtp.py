@@ -66,13 +66,22 @@ class LMLoss:
     mtp: list[torch.Tensor]
 
 
+IGNORE_INDEX = -100  # F.cross_entropy's marker for positions without a target
+
+
 def next_token_loss(logits_BSV: torch.Tensor, input_ids_BS: torch.Tensor, ahead: int = 1) -> torch.Tensor:
-    """Mean CE of ``logits[:, i]`` against ``t[:, i + ahead]`` over the positions that have that target."""
+    """Mean CE of ``logits[:, i]`` against ``t[:, i + ahead]`` over the positions that have that target.
+
+    The last ``ahead`` positions get IGNORE_INDEX instead of being sliced off: slicing the logits
+    would cost a full-size zero-filled gradient in backward.
+    """
     S = input_ids_BS.shape[1]
     if S <= ahead:
         raise ValueError(f"a sequence of {S} tokens has no target {ahead} positions ahead")
-    pred = logits_BSV[:, : S - ahead].float()
-    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), input_ids_BS[:, ahead:].reshape(-1))
+    targets_BS = F.pad(input_ids_BS[:, ahead:], (0, ahead), value=IGNORE_INDEX)
+    return F.cross_entropy(
+        logits_BSV.float().flatten(0, 1), targets_BS.flatten(), ignore_index=IGNORE_INDEX
+    )
 
 
 def causal_lm_loss(out, input_ids_BS: torch.Tensor, *, mtp_lambda: float = 0.3) -> LMLoss:
