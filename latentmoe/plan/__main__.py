@@ -1,0 +1,7 @@
+"""``python -m latentmoe.plan ...``: the ``plan`` command without the rest of the latentmoe CLI."""
+
+import sys
+
+from latentmoe.plan.command import main
+
+sys.exit(main())
