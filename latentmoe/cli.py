@@ -110,6 +110,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from latentmoe.hf import convert
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
+    result = convert(args.src, args.dst, to=args.to, dtype=dtype, dequantize=args.dequantize,
+                     max_shard_size=args.max_shard_size)
+    dequantized = f", {result.dequantized} FP8 tensors dequantised" if result.dequantized else ""
+    print(f"converted {result.source} ({result.source_kind}) -> {result.written} ({result.destination_kind}): "
+          f"{result.num_parameters / 1e6:.1f}M parameters in {str(result.dtype).removeprefix('torch.')}, "
+          f"{result.mtp_layers} MTP module(s){dequantized}, tokenizer {'copied' if result.tokenizer else 'absent'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from latentmoe.pipeline import run_demo
 
@@ -153,8 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="sample a continuation from a checkpoint",
-                       description="Sample text from a trained checkpoint (a checkpoint-STEP dir or a run dir).")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (newest checkpoint)")
+                       description="Sample text from a trained checkpoint (a checkpoint-STEP dir or a run dir) "
+                       "or a Hugging Face DeepSeek-V3/V2 directory.")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint directory, run directory (newest checkpoint), or Hugging Face directory")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=non_negative_int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -162,6 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass, 1.0 = off")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="convert between the Hugging Face layout and latentmoe checkpoints",
+                       description="Convert a Hugging Face DeepSeek-V3/V2 directory (BF16/FP32, or FP8 with "
+                       "--dequantize) into a latentmoe run directory, or a latentmoe checkpoint/run directory into "
+                       "the Hugging Face layout (MTP modules and tokenizer included).")
+    p.add_argument("src", help="Hugging Face directory, or latentmoe checkpoint / run directory")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--to", choices=("hf", "latentmoe"), default=None,
+                   help="output kind (default: the other kind than SRC's; hf -> hf re-saves, e.g. FP8 -> BF16)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                   help="weight dtype written (default: as stored; bf16 for FP8 sources)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="dequantise FP8 block-quantised weights (required when SRC has them)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors file written in the hf layout (default %(default)s)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="train the small model, compare with a unigram baseline, sample",
                        description="What `make demo` runs: train, evaluate against a unigram baseline, plot, sample.")

@@ -102,7 +102,15 @@ def find_tokenizer(checkpoint: Path):
 
 
 def load_for_generation(checkpoint: str | Path):
-    """``(model, tokenizer)`` from a checkpoint directory or a run directory (its newest checkpoint)."""
+    """``(model, tokenizer)`` from a checkpoint directory, a run directory (its newest checkpoint), or a
+    Hugging Face DeepSeek-V3/V2 directory (config.json + safetensors + tokenizer.json; FP8 is dequantised)."""
+    from latentmoe.hf import is_hf_checkpoint, load_pretrained, load_tokenizer
+
+    if is_hf_checkpoint(checkpoint):
+        tokenizer = load_tokenizer(checkpoint)
+        if tokenizer is None:
+            raise FileNotFoundError(f"no {TOKENIZER_FILE} in {checkpoint}")
+        return load_pretrained(checkpoint), tokenizer
     path = resolve_checkpoint(checkpoint)
     model, _ = load_model(path)
     return model, find_tokenizer(path)

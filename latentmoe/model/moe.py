@@ -146,7 +146,7 @@ class Router(nn.Module):
             logits_TE,
             self.e_score_correction_bias,
             top_k=c.num_experts_per_tok,
-            n_group=c.n_group,
+            n_group=1 if c.topk_method == "greedy" else c.n_group,  # DeepSeek-V2 "greedy" ignores the groups
             topk_group=c.topk_group,
             routed_scaling_factor=c.routed_scaling_factor,
             norm_topk_prob=c.norm_topk_prob,
