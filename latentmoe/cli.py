@@ -84,10 +84,18 @@ def train_config_from_args(args: argparse.Namespace, out_dir: str):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from latentmoe.parallel.command import parallel_config_from_args
+    from latentmoe.parallel.training import is_main_process, shutdown
     from latentmoe.pipeline import train_on_corpus
 
     cfg = train_config_from_args(args, args.out)
-    result, _ = train_on_corpus(cfg, model_spec=args.preset, resume=args.resume, progress=not args.no_progress)
+    try:
+        result, _ = train_on_corpus(cfg, model_spec=args.preset, resume=args.resume, progress=not args.no_progress,
+                                    parallel=parallel_config_from_args(args))
+        if not is_main_process():  # under torchrun only rank 0 reports
+            return 0
+    finally:
+        shutdown()
     print(f"trained to step {result.final_step}: loss {fmt(result.final_loss)}, val loss {fmt(result.final_val_loss)}")
     if result.skipped_steps:
         print(f"skipped {result.skipped_steps} steps with a non-finite loss")
@@ -165,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     add_train_options(p, steps=1000, batch_size=16, seq_len=128)
+    from latentmoe.parallel.command import add_ep_report_subcommand, add_parallel_options
+
+    add_parallel_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="sample a continuation from a checkpoint",
@@ -204,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_options(p, steps=200, batch_size=16, seq_len=128)
     p.set_defaults(func=cmd_demo, eval_every=100)
 
+    add_ep_report_subcommand(sub)
+
     try:
         from latentmoe.plan.command import add_plan_subcommand
     except ImportError:  # the planner is optional at this stage of the package
@@ -215,10 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input, reported as one line (anything else is a bug: full traceback)."""
+    from latentmoe.parallel.training import CollectiveError
     from latentmoe.train.checkpoint import CheckpointError
     from latentmoe.train.trainer import TrainingError
 
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, TrainingError, ValueError, OSError]
+    errors: list[type[BaseException]] = [
+        ConfigError, CheckpointError, TrainingError, CollectiveError, ValueError, OSError
+    ]
     try:
         from latentmoe.plan import PlanError
     except ImportError:

@@ -11,6 +11,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,6 +28,9 @@ from latentmoe.infer import SamplingParams, generate_text
 from latentmoe.model.transformer import CausalLM
 from latentmoe.train.checkpoint import latest_checkpoint, load_model, resolve_checkpoint
 from latentmoe.train.trainer import TrainConfig, TrainResult, train
+
+if TYPE_CHECKING:
+    from latentmoe.parallel.training import ParallelConfig
 
 TOKENIZER_FILE = "tokenizer.json"
 CACHE_ENV = "LATENTMOE_CACHE"
@@ -61,24 +65,45 @@ def train_on_corpus(
     resume: bool = False,
     progress: bool = True,
     cache_dir: Path | None = None,
+    parallel: ParallelConfig | None = None,
 ) -> tuple[TrainResult, PreparedData]:
     """Train the model described by ``model_spec`` (preset name or config.json) on the shipped corpus.
 
     On ``resume`` the model shape comes from the newest checkpoint in ``cfg.out_dir``. The tokenizer is
     copied to ``out_dir/tokenizer.json`` so that ``generate`` finds it next to the checkpoints.
+    Under torchrun, ``parallel`` lays the run over the processes (expert + data parallelism,
+    ``latentmoe.parallel.training``); ``cfg.batch_size`` stays the global batch.
     """
+    from latentmoe.parallel.training import (
+        ParallelConfig,
+        attach,
+        barrier,
+        collective_errors,
+        start_parallel,
+        write_layout,
+    )
+
+    groups = start_parallel(parallel or ParallelConfig())
+    is_main = groups is None or groups.topology.rank == 0
     out_dir = Path(cfg.out_dir)
     latest = latest_checkpoint(out_dir) if resume else None
     config = ModelConfig.from_json(latest) if latest is not None else load_config(model_spec)
+    if not is_main:
+        barrier()  # rank 0 trains and caches the tokenizer first; the others then read the cache
     data = prepare_data(config.vocab_size, cache_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_path = out_dir / TOKENIZER_FILE
-    tmp = tokenizer_path.with_suffix(".json.tmp")
-    data.tokenizer.save(str(tmp))
-    tmp.replace(tokenizer_path)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer_path = out_dir / TOKENIZER_FILE
+        tmp = tokenizer_path.with_suffix(".json.tmp")
+        data.tokenizer.save(str(tmp))
+        tmp.replace(tokenizer_path)
+        if groups is not None:
+            write_layout(out_dir, groups, parallel or ParallelConfig(), config)
+            barrier()
 
     torch.manual_seed(cfg.seed)
     model = CausalLM(config)
+    distributed = attach(model, groups, parallel or ParallelConfig()) if groups is not None else None
     train_ids, val_ids = data.train_ids, data.val_ids
 
     def batch_fn(step: int) -> torch.Tensor:
@@ -87,7 +112,11 @@ def train_on_corpus(
     def val_fn():
         return val_batches(val_ids, batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=cfg.eval_batches)
 
-    result = train(cfg, batch_fn=batch_fn, model=model, val_fn=val_fn, resume=resume, progress=progress)
+    with collective_errors(groups, (parallel or ParallelConfig()).timeout_s):
+        result = train(
+            cfg, batch_fn=batch_fn, model=model, val_fn=val_fn, resume=resume, progress=progress,
+            distributed=distributed,
+        )
     return result, data
 
 

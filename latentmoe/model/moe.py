@@ -17,6 +17,7 @@ expert runs one matmul over its tokens, so the work is tokens × top-k, never to
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -229,6 +230,10 @@ class MoEOutput:
     balance_loss: torch.Tensor
 
 
+# (moe, x_TD [T, D], routing) -> routed + shared expert output [T, D]; see latentmoe.parallel.ep.ExpertParallel.
+ExpertParallelHook = Callable[["MoE", torch.Tensor, RouteResult], torch.Tensor]
+
+
 class MoE(nn.Module):
     """Shared experts (always active, one SwiGLU of width n_shared·moe_intermediate) + routed experts."""
 
@@ -242,14 +247,20 @@ class MoE(nn.Module):
             if config.n_shared_experts
             else None
         )
+        # Expert parallelism (latentmoe.parallel.ep) plugs in here: same routing, but the routed experts live
+        # on other ranks; the hook dispatches, runs the local experts, combines and adds the shared experts.
+        self.expert_parallel: ExpertParallelHook | None = None
 
     def forward(self, x_BSD: torch.Tensor) -> MoEOutput:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.gate(x_TD)
-        y_TD = self.experts(x_TD, routing.topk_idx_TK, routing.topk_weight_TK)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+        if self.expert_parallel is not None:
+            y_TD = self.expert_parallel(self, x_TD, routing)
+        else:
+            y_TD = self.experts(x_TD, routing.topk_idx_TK, routing.topk_weight_TK)
+            if self.shared_experts is not None:
+                y_TD = y_TD + self.shared_experts(x_TD)
         E, K = self.config.n_routed_experts, self.config.num_experts_per_tok
         balance = (
             sequence_balance_loss(routing.scores_TE.view(B, S, E), routing.topk_idx_TK.view(B, S, K), E)

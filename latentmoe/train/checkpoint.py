@@ -312,6 +312,7 @@ def load_checkpoint(
             with safe_open(str(opt_path), framework="pt") as f:
                 metadata = f.metadata() or {}
                 tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no iter
+            tensors.update(_expert_shards(ckpt, "optimizer"))
             optimizer.load_state_dict(_unflatten_optimizer_state(tensors, metadata))
         except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{opt_path}: cannot restore optimizer state ({_one_line(exc)})") from None
@@ -324,10 +325,19 @@ def _load_model_weights(path: Path, model: nn.Module) -> None:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: unreadable safetensors ({_one_line(exc)})") from None
+    tensors.update(_expert_shards(path.parent, "model"))
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: does not fit the model ({_one_line(exc)})") from None
+
+
+def _expert_shards(ckpt: Path, kind: str) -> dict[str, torch.Tensor]:
+    """Routed experts of an expert-parallel checkpoint, reassembled from the per-rank shard files into full
+    ``[E, ...]`` tensors ({} for a single-process checkpoint); see latentmoe.parallel.checkpoint."""
+    from latentmoe.parallel.checkpoint import merged_expert_tensors
+
+    return merged_expert_tensors(ckpt, kind)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

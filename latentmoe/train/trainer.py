@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -70,6 +70,9 @@ from latentmoe.train.metrics import (
     plot_loss,
 )
 from latentmoe.train.optim import build_optimizer, lr_at
+
+if TYPE_CHECKING:
+    from latentmoe.parallel.training import DistributedTraining
 
 PRECISIONS = ("fp32", "bf16")
 LOSS_PLOT = "loss.png"
@@ -286,8 +289,13 @@ class Trainer:
         progress: bool = False,
         on_log: Callable[[dict[str, Any]], None] | None = None,
         handle_sigint: bool = True,
+        distributed: DistributedTraining | None = None,
     ) -> None:
         self.cfg = cfg.validate()
+        # Expert/data-parallel runs (latentmoe.parallel.training): batch sharding, gradient reduction,
+        # global grad norm, rank-0-only metrics and sharded checkpoints. None: one process.
+        self.distributed = distributed
+        self.is_main = distributed is None or distributed.is_main
         self.model = model
         self.model_config: ModelConfig = model.config
         self.batch_fn = batch_fn
@@ -307,6 +315,7 @@ class Trainer:
         self.last_val_loss: float | None = None
         self.last_expert_load: torch.Tensor | None = None
         self._stop_requested = False
+        self._stop_agreed = False
         self._in_update = False
 
     # ------------------------------------------------------------------ state
@@ -341,6 +350,8 @@ class Trainer:
         torch.set_rng_state(_decode_rng(state["torch_rng_state"]))
 
     def save(self) -> Path:
+        if self.distributed is not None:
+            return self.distributed.save_checkpoint(self)
         return save_checkpoint(
             self.out_dir,
             self.step,
@@ -359,6 +370,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         ids = self.batch_fn(step).to(self.device)
+        tokens = ids.numel()  # the global batch, whatever the world size
+        if self.distributed is not None:
+            ids = self.distributed.begin_step(self.model, ids)  # this rank's rows
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         with _autocast(self.device, cfg.precision):
@@ -367,10 +381,18 @@ class Trainer:
             loss = losses.total
             if cfg.balance_alpha and out.balance_loss is not None:
                 loss = loss + cfg.balance_alpha * out.balance_loss
-        if not torch.isfinite(loss.detach()):
+        stats = None
+        if self.distributed is not None:  # global means; every rank then takes the same branch below
+            stats, self._stop_agreed = self.distributed.mean_losses(
+                loss, losses.main, losses.mtp, out.balance_loss, stop=self._stop_requested
+            )
+        if not (math.isfinite(stats["total"]) if stats is not None else torch.isfinite(loss.detach())):
             return None
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if self.distributed is not None:
+            grad_norm = self.distributed.reduce_and_clip(self.model, cfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             return None
@@ -378,9 +400,21 @@ class Trainer:
         self.optimizer.step()
         # The router bias is a buffer, not a parameter: it moves by ±γ outside autograd, after the
         # weights, using this step's load, and only changes which experts are selected.
-        self.model.update_router_biases(out.expert_load, cfg.bias_gamma)
+        load = out.expert_load if self.distributed is None else self.distributed.sum(out.expert_load)
+        self.model.update_router_biases(load, cfg.bias_gamma)
         self._in_update = False
         self.optimizer.zero_grad(set_to_none=True)
+        if stats is not None:
+            self.distributed.end_step(self.model)
+            return {
+                "lr": lr,
+                "main": stats["main"],
+                "mtp": stats["mtp"],
+                "balance": stats["balance"],
+                "grad_norm": grad_norm.item(),
+                "load": load.float().cpu(),
+                "tokens": tokens,
+            }
         return {
             "lr": lr,
             "main": losses.main.item(),
@@ -397,6 +431,10 @@ class Trainer:
         result = self.val_fn()
         if isinstance(result, int | float):
             return float(result)
+        if self.distributed is not None:
+            return self.distributed.evaluate(
+                self.model, result, max_batches=self.cfg.eval_batches, precision=self.cfg.precision
+            )
         return evaluate(self.model, result, max_batches=self.cfg.eval_batches, precision=self.cfg.precision)
 
     # ------------------------------------------------------------------ the loop
@@ -410,7 +448,10 @@ class Trainer:
                 "resume from it or choose an empty output directory"
             )
         if resumed_from is not None:
-            state = load_checkpoint(resumed_from, self.model, self.optimizer)
+            if self.distributed is not None:
+                state = self.distributed.load_checkpoint(resumed_from, self.model, self.optimizer)
+            else:
+                state = load_checkpoint(resumed_from, self.model, self.optimizer)
             if state.get("seed") != cfg.seed:
                 raise TrainingError(
                     f"{resumed_from} was trained with seed {state.get('seed')}, not {cfg.seed}; "
@@ -419,7 +460,11 @@ class Trainer:
             self.load_state_dict(state)
         else:
             torch.manual_seed(cfg.seed)
-        metrics = MetricsWriter(self.out_dir, resume_step=self.step if resumed_from is not None else None)
+        resume_step = self.step if resumed_from is not None else None
+        if self.distributed is not None:
+            metrics = self.distributed.metrics_writer(self.out_dir, resume_step=resume_step)
+        else:
+            metrics = MetricsWriter(self.out_dir, resume_step=resume_step)
         checkpoint: Path | None = resumed_from
         try:
             with self._sigint_deferred():
@@ -428,9 +473,13 @@ class Trainer:
             metrics.close()
         if checkpoint is None or checkpoint_step(checkpoint) != self.step:
             checkpoint = self.save()
-        loss_png = plot_loss(self.out_dir / METRICS_FILE, self.out_dir / LOSS_PLOT)
+        loss_png = self.out_dir / LOSS_PLOT
+        if self.is_main:
+            plot_loss(self.out_dir / METRICS_FILE, loss_png)
         load_png = None
-        if self.last_expert_load is not None:
+        if self.last_expert_load is not None and not self.is_main:
+            load_png = self.out_dir / EXPERT_LOAD_PLOT
+        elif self.last_expert_load is not None:
             load_png = plot_expert_load(
                 self.last_expert_load,
                 self.out_dir / EXPERT_LOAD_PLOT,
@@ -459,7 +508,12 @@ class Trainer:
         window = _Window()
         checkpoint = None
         bar = tqdm(
-            total=cfg.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True, desc="train"
+            total=cfg.steps,
+            initial=self.step,
+            disable=not (self.progress and self.is_main),
+            unit="step",
+            dynamic_ncols=True,
+            desc="train",
         )
         try:
             while self.step < cfg.steps:
@@ -511,7 +565,9 @@ class Trainer:
                     window = _Window()
                 if cfg.save_every and done % cfg.save_every == 0 and not is_last:
                     checkpoint = self.save()
-                if self._stop_requested and not is_last:
+                # Distributed: a Ctrl-C counts once every rank knows of it (it rides on the loss all-reduce).
+                stop = self._stop_requested if self.distributed is None else self._stop_agreed
+                if stop and not is_last:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             if self._in_update:
@@ -557,6 +613,8 @@ class Trainer:
         }
         if val_loss is not None:
             record["val_loss"] = val_loss
+        if self.distributed is not None:
+            record.update(self.distributed.window_metrics(window.steps))  # a2a_* traffic (collective)
         return record
 
     @contextlib.contextmanager
@@ -588,6 +646,7 @@ def train(
     progress: bool = False,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     handle_sigint: bool = True,
+    distributed: DistributedTraining | None = None,
 ) -> TrainResult:
     """Train to ``cfg.steps`` and return a :class:`TrainResult`; see the module docstring for one step.
 
@@ -612,5 +671,6 @@ def train(
         progress=progress,
         on_log=on_log,
         handle_sigint=handle_sigint,
+        distributed=distributed,
     )
     return trainer.run(resume=resume)

@@ -1,0 +1,50 @@
+"""Run under ``torchrun --max-restarts 1``: a 2-rank EP training whose rank 1 dies at step 3 on the first attempt.
+
+usage: torchrun --standalone --nproc-per-node 2 --max-restarts 1 tests/parallel/restart_worker.py OUT_DIR
+
+Every attempt resumes from the newest checkpoint in OUT_DIR (``resume=True`` on an empty directory starts
+fresh), so the restarted job continues from step 2 and finishes at step 4. Rank 1 drops a marker file just
+before it kills itself, so the test can tell that the failure really happened.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+KILL_AT_STEP = 2  # 0-based: the third optimizer step, after checkpoint-000002
+KILLED_MARKER = "rank1-killed"
+
+
+def main(out_dir: Path) -> None:
+    from latentmoe import CausalLM
+    from latentmoe.parallel.training import ParallelConfig, attach, collective_errors, shutdown, start_parallel
+    from latentmoe.train.trainer import train
+    from tests.parallel.test_training import batch_fn, config, train_cfg
+
+    torch.set_num_threads(1)
+    parallel = ParallelConfig(ep=2, gpus_per_node=1, timeout_s=30)
+    groups = start_parallel(parallel)
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+
+    def dying_batch_fn(step: int) -> torch.Tensor:
+        if first_attempt and groups.topology.rank == 1 and step == KILL_AT_STEP:
+            (out_dir / KILLED_MARKER).write_text("killed\n")
+            os._exit(17)
+        return batch_fn(step)
+
+    torch.manual_seed(0)
+    model = CausalLM(config())
+    distributed = attach(model, groups, parallel)
+    with collective_errors(groups, parallel.timeout_s):
+        train(train_cfg(out_dir, save_every=2), batch_fn=dying_batch_fn, model=model, resume=True,
+              handle_sigint=False, distributed=distributed)
+    shutdown()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    main(Path(sys.argv[1]))
