@@ -47,7 +47,10 @@ def add_train_options(p: argparse.ArgumentParser, *, steps: int, batch_size: int
     p.add_argument("--min-lr", type=float, default=2e-4, help="final learning rate of the cosine")
     p.add_argument("--warmup", type=non_negative_int, default=None, help="warmup steps (default: 5%% of --steps)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="fp32",
+                   help="fp8: DeepSeek-V3's FP8 GEMMs (1x128 / 128x128 scaling; emulated on CPU, ~2x slower than bf16)")
+    p.add_argument("--adam-moments", choices=("fp32", "bf16"), default="fp32",
+                   help="dtype the AdamW moments are stored in (TR: bf16)")
     p.add_argument("--eval-every", type=non_negative_int, default=200, help="validation every K steps (0: at the end)")
     p.add_argument("--eval-batches", type=positive_int, default=8)
     p.add_argument("--log-every", type=positive_int, default=10)
@@ -75,6 +78,7 @@ def train_config_from_args(args: argparse.Namespace, out_dir: str):
         bias_gamma=args.bias_gamma,
         balance_alpha=args.balance_alpha,
         precision=args.precision,
+        adam_moments=args.adam_moments,
         seed=args.seed,
         eval_every=args.eval_every,
         eval_batches=args.eval_batches,

@@ -119,9 +119,18 @@ def sequence_balance_loss(
     return (f_BE * p_BE).sum(dim=-1).mean()
 
 
-def swiglu(x_ND: torch.Tensor, gate_ID: torch.Tensor, up_ID: torch.Tensor, down_DI: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate x) * up x) for one expert's weights."""
-    return F.linear(F.silu(F.linear(x_ND, gate_ID)) * F.linear(x_ND, up_ID), down_DI)
+Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [N, in], weight [out, in]) -> [N, out]
+
+
+def swiglu(
+    x_ND: torch.Tensor,
+    gate_ID: torch.Tensor,
+    up_ID: torch.Tensor,
+    down_DI: torch.Tensor,
+    linear: Linear = F.linear,
+) -> torch.Tensor:
+    """down(silu(gate x) * up x) for one expert's weights; ``linear`` computes each x·Wᵀ."""
+    return linear(F.silu(linear(x_ND, gate_ID)) * linear(x_ND, up_ID), down_DI)
 
 
 class Router(nn.Module):
@@ -165,10 +174,12 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))
         self.up_proj = nn.Parameter(torch.empty(n_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+        # The x·Wᵀ of every expert projection; latentmoe.fp8.convert_to_fp8 swaps in an FP8 matmul here.
+        self.expert_linear: Linear = F.linear
 
     def expert_ffn(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """SwiGLU of expert ``e`` on its tokens."""
-        return swiglu(x_ND, self.gate_proj[e], self.up_proj[e], self.down_proj[e])
+        return swiglu(x_ND, self.gate_proj[e], self.up_proj[e], self.down_proj[e], self.expert_linear)
 
     def forward(
         self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor
@@ -185,7 +196,7 @@ class Experts(nn.Module):
         outputs, start = [], 0
         for (gate_ID, up_ID, down_DI), n in zip(weights, counts, strict=True):
             if n:
-                outputs.append(swiglu(x_AD[start : start + n], gate_ID, up_ID, down_DI))
+                outputs.append(swiglu(x_AD[start : start + n], gate_ID, up_ID, down_DI, self.expert_linear))
                 start += n
         if not outputs:
             return torch.zeros_like(x_TD)

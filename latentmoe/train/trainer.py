@@ -69,12 +69,12 @@ from latentmoe.train.metrics import (
     plot_expert_load,
     plot_loss,
 )
-from latentmoe.train.optim import build_optimizer, lr_at
+from latentmoe.train.optim import MOMENT_DTYPES, build_optimizer, lr_at
 
 if TYPE_CHECKING:
     from latentmoe.parallel.training import DistributedTraining
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp8")
 LOSS_PLOT = "loss.png"
 EXPERT_LOAD_PLOT = "expert_load.png"
 
@@ -103,7 +103,10 @@ class TrainConfig:
     ``steps`` is the total number of optimizer steps (a resumed run stops at the same total).
     ``eval_every``/``save_every`` of 0 mean "only at the end". ``eval_batches`` caps how many
     validation batches are consumed. ``precision="bf16"`` runs forward and loss under
-    ``torch.autocast(bfloat16)`` with fp32 weights and optimizer state.
+    ``torch.autocast(bfloat16)`` with fp32 weights and optimizer state. ``precision="fp8"`` does the
+    same after converting the model's Linear layers and routed experts to FP8 GEMMs with fine-grained
+    scaling (``latentmoe.fp8.convert_to_fp8``; parameters stay fp32). ``adam_moments="bf16"`` stores
+    AdamW's moments in bf16 (TR §3.3.3).
     """
 
     out_dir: str | Path = "runs/train"
@@ -121,6 +124,7 @@ class TrainConfig:
     bias_gamma: float = 1e-3
     balance_alpha: float = 1e-4
     precision: str = "fp32"
+    adam_moments: str = "fp32"
     seed: int = 0
     eval_every: int = 200
     eval_batches: int = 8
@@ -159,6 +163,8 @@ class TrainConfig:
             raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.adam_moments not in MOMENT_DTYPES:
+            raise ConfigError(f"adam_moments must be one of {', '.join(MOMENT_DTYPES)}, got {self.adam_moments!r}")
         if self.keep_last is not None and self.keep_last < 1:
             raise ConfigError(f"keep_last must be >= 1 or None, got {self.keep_last}")
         return self
@@ -256,7 +262,7 @@ def evaluate(
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
+    if precision in ("bf16", "fp8"):  # fp8: the converted GEMMs run in FP8, everything else under bf16 autocast
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -305,7 +311,14 @@ class Trainer:
         self.handle_sigint = handle_sigint
         self.out_dir = Path(cfg.out_dir)
         self.device = next(model.parameters()).device
-        self.optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+        if cfg.precision == "fp8":
+            from latentmoe.fp8 import convert_to_fp8
+
+            # In place, sharing the Parameter objects: state dicts and checkpoints stay fp32.
+            convert_to_fp8(model)
+        self.optimizer = build_optimizer(
+            model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, moments=cfg.adam_moments
+        )
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
