@@ -109,16 +109,47 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from latentmoe.infer import SamplingParams, generate_text
-    from latentmoe.pipeline import load_for_generation
+    import time
+
+    from latentmoe.infer import Engine, SamplingParams
 
     params = SamplingParams(  # validated before the (slower) checkpoint load
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
     )
+    if args.batch_file is not None:
+        if args.stream:
+            raise ValueError("--stream works with --prompt, not --batch-file")
+        with open(args.batch_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        if not prompts:
+            raise ValueError(f"--batch-file: {args.batch_file} has no prompts")
+    else:
+        prompts = [args.prompt]
+    from latentmoe.pipeline import load_for_generation
+
     model, tokenizer = load_for_generation(args.checkpoint)
     eos = model.config.eos_token_id
     params = dataclasses.replace(params, stop_token_ids=() if eos is None else (eos,))
-    print(args.prompt + generate_text(model, tokenizer, args.prompt, params))
+    engine = Engine(model, tokenizer, cache_dtype=args.cache_dtype, max_batch=max(1, min(len(prompts), 16)))
+    t0 = time.perf_counter()
+    if args.stream:
+        print(args.prompt, end="", flush=True)
+        for event in engine.stream(args.prompt, params, speculative=args.speculative):
+            print(event.new_text, end="", flush=True)
+        print()
+        results = [event.result]
+    else:
+        results = engine.generate(prompts, params, speculative=args.speculative)
+        for i, (prompt, result) in enumerate(zip(prompts, results, strict=True)):
+            print(("\n" if i else "") + prompt + result.text)
+    elapsed = time.perf_counter() - t0
+    generated = sum(r.stats.generated_tokens for r in results)
+    line = f"{generated} tokens in {elapsed:.2f}s: {generated / elapsed:.1f} tokens/s"
+    if args.speculative:
+        drafted = sum(r.stats.draft_tokens for r in results)
+        accepted = sum(r.stats.accepted_draft_tokens for r in results)
+        line += f", draft acceptance {accepted / drafted:.0%} ({accepted}/{drafted})" if drafted else ", no drafts"
+    print(line, file=sys.stderr)
     return 0
 
 
@@ -187,12 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "or a Hugging Face DeepSeek-V3/V2 directory.")
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint directory, run directory (newest checkpoint), or Hugging Face directory")
-    p.add_argument("--prompt", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt")
+    source.add_argument("--batch-file", help="a text file with one prompt per line, generated as one batch")
     p.add_argument("--max-tokens", type=non_negative_int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass, 1.0 = off")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=False,
+                   help="MTP speculative decoding: the MTP module(s) draft, the model verifies (default: off)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated (with --prompt)")
+    p.add_argument("--cache-dtype", choices=("fp32", "bf16", "fp8"), default=None,
+                   help="latent KV cache dtype (default: the model's)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("convert", help="convert between the Hugging Face layout and latentmoe checkpoints",

@@ -13,9 +13,18 @@ For a hidden state h_t (dimension d), with n_h heads:
 - the output projection ``o_proj`` (W^O).
 
 Only c_t^KV (normalised) and k_t^R (rotated) need caching: ``kv_lora_rank + qk_rope_head_dim`` numbers per
-layer and token. This module implements the *materialised* path (per-head K and V are expanded, used
-for training and prefill) on top of :class:`LatentCache`; the absorbed decode path, which never expands
-K and V, plugs in at :meth:`MLA.attend` (see docs/architecture.md).
+layer and token. Two attention paths read those tensors and give the same result:
+
+- *materialised* (:meth:`MLA.attend`, the reference; training and long prefills): per-head K and V are
+  expanded from the latent through ``kv_b_proj``;
+- *absorbed* (:meth:`MLA.attend_absorbed`; decode): W^UK is folded into the query and W^UV into the
+  output, so attention runs straight against the latent and nothing per head is ever expanded
+  (docs/mla-absorb.md has the algebra). ``attention="auto"`` picks the cheaper one by multiply-adds.
+
+The cache passed to :meth:`MLA.forward` is anything with ``write(layer, start_pos, kv_latent_BSC, k_rope_BSR)
+-> (kv_latent_BTC, k_rope_BTR)``: the contiguous :class:`LatentCache` (one ``int`` start for the batch) or
+the engine's paged cache view (``start_pos`` a ``[B]`` tensor, one start per sequence; keys past a
+sequence's own length are masked).
 """
 
 from __future__ import annotations
@@ -75,6 +84,40 @@ def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     return torch.arange(k_len, device=device)[None, :] <= q_pos
 
 
+ATTENTION_MODES = ("materialised", "absorbed", "auto")
+
+
+def start_positions_mask(start_pos_B: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor:
+    """Boolean ``[B, q_len, k_len]`` mask (True = may attend) for sequences whose ``q_len`` new tokens sit at
+    positions ``start_pos_B[b] + s``: causal within the new tokens, and keys past each sequence's own
+    length (padding of a shorter sequence in the batch) are hidden."""
+    q_pos_BS = start_pos_B[:, None] + torch.arange(q_len, device=start_pos_B.device)[None, :]
+    return torch.arange(k_len, device=start_pos_B.device)[None, None, :] <= q_pos_BS[:, :, None]
+
+
+def absorbed_is_cheaper(config: ModelConfig, q_len: int, k_len: int) -> bool:
+    """Whether absorbed attention needs fewer multiply-adds than materialised for ``q_len`` queries over
+    ``k_len`` keys (per sequence and head; the projections both paths share are left out).
+
+    materialised: expand K^C, V for every key (k_len·C·(N+V)), then q·k (N+R) and p·v (V) per query-key pair;
+    absorbed: fold W^UK, W^UV per query (q_len·C·(N+V)), then q·[c;k^R] (C+R) and p·c (C) per pair.
+    Decode (q_len 1) is always absorbed; a long prefill is materialised when 2C > N + V (DeepSeek-V3).
+    """
+    C, N, R, V = config.kv_lora_rank, config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+    materialised = k_len * C * (N + V) + q_len * k_len * (N + R + V)
+    absorbed = q_len * C * (N + V) + q_len * k_len * (2 * C + R)
+    return absorbed < materialised
+
+
+def rotate(x_BSHR: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rotary` for shared positions (``cos`` ``[S, R/2]``) or per-sequence ones (``[B, S, R/2]``)."""
+    if cos.dim() == 2:
+        return apply_rotary(x_BSHR, cos, sin)
+    B, S = x_BSHR.shape[:2]
+    flat = apply_rotary(x_BSHR.flatten(0, 1)[None], cos.flatten(0, 1), sin.flatten(0, 1))
+    return flat.view(B, S, *x_BSHR.shape[2:])
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention; parameter names follow the Hugging Face DeepSeek-V3 layout."""
 
@@ -110,7 +153,7 @@ class MLA(nn.Module):
         kv_latent, k_rope = self.kv_a_proj_with_mqa(x_BSD).split(
             [self.config.kv_lora_rank, self.config.qk_rope_head_dim], dim=-1
         )
-        k_rope = apply_rotary(k_rope[:, :, None, :], cos_SR, sin_SR)[:, :, 0, :]
+        k_rope = rotate(k_rope[:, :, None, :], cos_SR, sin_SR)[:, :, 0, :]
         return self.kv_a_layernorm(kv_latent), k_rope
 
     def forward(
@@ -120,16 +163,28 @@ class MLA(nn.Module):
         sin_SR: torch.Tensor,
         *,
         cache: LatentCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
+        attention: str = "materialised",
     ) -> torch.Tensor:
+        """``start_pos``: an ``int`` shared by the batch, or a ``[B]`` tensor of per-sequence starts (then
+        ``cos_SR``/``sin_SR`` are ``[B, S, R/2]``). ``attention``: one of :data:`ATTENTION_MODES`."""
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         c = self.config
         q_BSHD = self.project_queries(x_BSD)
         q_nope, q_rope = q_BSHD.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
-        q_rope = apply_rotary(q_rope, cos_SR, sin_SR)
+        q_rope = rotate(q_rope, cos_SR, sin_SR)
         kv_latent_BTC, k_rope_BTR = self.compress_kv(x_BSD, cos_SR, sin_SR)
         if cache is not None:
             kv_latent_BTC, k_rope_BTR = cache.write(self.layer_idx, start_pos, kv_latent_BTC, k_rope_BTR)
-        out_BSHV = self.attend(q_nope, q_rope, kv_latent_BTC, k_rope_BTR)
+        S, T = x_BSD.shape[1], kv_latent_BTC.shape[1]
+        mask_BST = None
+        if isinstance(start_pos, torch.Tensor) and not (S == T and not bool(start_pos.any())):
+            mask_BST = start_positions_mask(start_pos, S, T)  # (all starting at 0 with S == T: plain causal)
+        if attention == "auto":
+            attention = "absorbed" if absorbed_is_cheaper(c, S, T) else "materialised"
+        attend = self.attend_absorbed if attention == "absorbed" else self.attend
+        out_BSHV = attend(q_nope, q_rope, kv_latent_BTC, k_rope_BTR, attn_mask_BST=mask_BST)
         return self.o_proj(out_BSHV.flatten(-2))
 
     def attend(
@@ -138,10 +193,13 @@ class MLA(nn.Module):
         q_rope_BSHR: torch.Tensor,
         kv_latent_BTC: torch.Tensor,
         k_rope_BTR: torch.Tensor,
+        *,
+        attn_mask_BST: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Materialised attention: expand per-head K^C and V from the latent; queries are the last S of T.
+        """Materialised attention: expand per-head K^C and V from the latent; queries are the last S of T
+        (or, with ``attn_mask_BST``, wherever that boolean mask — True = may attend — puts them).
 
-        Returns ``[B, S, H, v_head_dim]``. (The absorbed decode path replaces this method's body.)
+        Returns ``[B, S, H, v_head_dim]``. The reference for :meth:`attend_absorbed`.
         """
         c = self.config
         B, S, H, _ = q_nope_BSHN.shape
@@ -151,7 +209,9 @@ class MLA(nn.Module):
         k_BTHD = torch.cat([k_nope_BTHN, k_rope_BTR.to(k_nope_BTHN.dtype)[:, :, None, :].expand(B, T, H, -1)], dim=-1)
         q_BSHD = torch.cat([q_nope_BSHN, q_rope_BSHR], dim=-1)
         q, k, v = (t.transpose(1, 2) for t in (q_BSHD, k_BTHD, v_BTHV))
-        if S == T:
+        if attn_mask_BST is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask_BST[:, None], scale=self.softmax_scale)
+        elif S == T:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         elif S == 1:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale)
@@ -159,3 +219,41 @@ class MLA(nn.Module):
             mask = causal_mask(S, T, q.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
         return out.transpose(1, 2)
+
+    def attend_absorbed(
+        self,
+        q_nope_BSHN: torch.Tensor,
+        q_rope_BSHR: torch.Tensor,
+        kv_latent_BTC: torch.Tensor,
+        k_rope_BTR: torch.Tensor,
+        *,
+        attn_mask_BST: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Absorbed attention straight against the latent cache (docs/mla-absorb.md); same contract and
+        result as :meth:`attend`, but K^C and V are never expanded per head:
+
+            q^C·k^C = q^C·(W^UK c) = (W^UKᵀ q^C)·c          — W^UK folded into the query, ``q_latent [B,S,H,C]``
+            Σ_t p_t v_t = W^UV (Σ_t p_t c_t)                — W^UV applied once to the attended latent
+
+        All heads share the one latent key ``[c; k^R]``, so the scores are one ``[S·H, C+R] × [C+R, T]``
+        product per sequence (multi-query attention with head dim C + R).
+        """
+        c = self.config
+        B, S, H, _ = q_nope_BSHN.shape
+        T = kv_latent_BTC.shape[1]
+        w_kv_HXC = self.kv_b_proj.weight.view(H, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+        w_uk_HNC, w_uv_HVC = w_kv_HXC.split([c.qk_nope_head_dim, c.v_head_dim], dim=1)
+        kv_latent_BTC = kv_latent_BTC.to(q_nope_BSHN.dtype)
+        k_rope_BTR = k_rope_BTR.to(q_nope_BSHN.dtype)
+        q_latent_BSHC = torch.einsum("bshn,hnc->bshc", q_nope_BSHN, w_uk_HNC)
+        scores_BMT = torch.bmm(q_latent_BSHC.reshape(B, S * H, -1), kv_latent_BTC.transpose(1, 2))
+        scores_BMT = scores_BMT.baddbmm_(q_rope_BSHR.reshape(B, S * H, -1), k_rope_BTR.transpose(1, 2))
+        scores_BSHT = scores_BMT.view(B, S, H, T) * self.softmax_scale
+        if attn_mask_BST is None and S > 1:
+            attn_mask_BST = causal_mask(S, T, scores_BSHT.device)[None]
+        if attn_mask_BST is not None:
+            scores_BSHT = scores_BSHT.masked_fill(~attn_mask_BST[:, :, None, :], float("-inf"))
+        softmax_dtype = torch.promote_types(scores_BSHT.dtype, torch.float32)
+        probs_BMT = scores_BSHT.to(softmax_dtype).softmax(dim=-1).to(kv_latent_BTC.dtype).view(B, S * H, T)
+        out_latent_BSHC = torch.bmm(probs_BMT, kv_latent_BTC).view(B, S, H, -1)
+        return torch.einsum("bshc,hvc->bshv", out_latent_BSHC, w_uv_HVC)

@@ -50,9 +50,12 @@ class Block(nn.Module):
         sin_SR: torch.Tensor,
         *,
         cache: LatentCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
+        attention: str = "materialised",
     ) -> BlockOutput:
-        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), cos_SR, sin_SR, cache=cache, start_pos=start_pos)
+        x_BSD = x_BSD + self.self_attn(
+            self.input_layernorm(x_BSD), cos_SR, sin_SR, cache=cache, start_pos=start_pos, attention=attention
+        )
         h_BSD = self.post_attention_layernorm(x_BSD)
         if self.is_moe:
             moe = self.mlp(h_BSD)
@@ -183,30 +186,30 @@ class CausalLM(nn.Module):
         input_ids_BS: torch.Tensor,
         *,
         cache: LatentCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         compute_mtp: bool = True,
+        attention: str = "materialised",
     ) -> CausalLMOutput:
         """Logits for every position; with ``cache``, positions start at ``start_pos`` and the latent
-        KV of these positions is written into it (then ``cache.length`` is advanced)."""
+        KV of these positions is written into it (then a :class:`LatentCache`'s ``length`` is advanced).
+
+        ``start_pos`` may be a ``[B]`` tensor (one start per sequence; the inference engine's paged cache).
+        ``attention``: "materialised" (reference), "absorbed" or "auto" (see ``latentmoe.model.mla``).
+        """
         S = input_ids_BS.shape[1]
-        positions_S = torch.arange(start_pos, start_pos + S, device=input_ids_BS.device)
-        if start_pos + S > self.config.max_position_embeddings:
-            raise ValueError(
-                f"position {start_pos + S - 1} exceeds max_position_embeddings={self.config.max_position_embeddings}"
-            )
-        cos_SR, sin_SR = self.rotary(positions_S)
+        cos_SR, sin_SR = self.rope_tables(start_pos, S, input_ids_BS.device)
         x_BSD = self.model.embed_tokens(input_ids_BS)
         loads: list[torch.Tensor] = []
         balance = x_BSD.new_zeros((), dtype=torch.float32)
         for block in self.model.layers:
-            out = block(x_BSD, cos_SR, sin_SR, cache=cache, start_pos=start_pos)
+            out = block(x_BSD, cos_SR, sin_SR, cache=cache, start_pos=start_pos, attention=attention)
             x_BSD = out.hidden_BSD
             if out.load_E is not None:
                 loads.append(out.load_E)
                 balance = balance + out.balance_loss
         hidden_BSD = self.model.norm(x_BSD)
         logits = self.lm_head(hidden_BSD)
-        if cache is not None:
+        if isinstance(cache, LatentCache):
             cache.length = start_pos + S
 
         mtp_logits = []
@@ -223,3 +226,44 @@ class CausalLM(nn.Module):
 
         expert_load = torch.stack(loads) if loads else torch.zeros(0, self.config.n_routed_experts)
         return CausalLMOutput(logits, mtp_logits, expert_load.detach(), balance, hidden_BSD)
+
+    def rope_tables(
+        self, start_pos: int | torch.Tensor, seq_len: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for positions ``start_pos + [0, seq_len)``: ``[S, R/2]`` for an int start, ``[B, S, R/2]``
+        for a ``[B]`` tensor of starts. Raises ValueError past ``max_position_embeddings``."""
+        offsets_S = torch.arange(seq_len, device=device)
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos.to(device)[:, None] + offsets_S[None, :]
+            last = int(positions.max()) if positions.numel() else 0
+        else:
+            positions = start_pos + offsets_S
+            last = start_pos + seq_len - 1
+        if last >= self.config.max_position_embeddings:
+            raise ValueError(f"position {last} exceeds max_position_embeddings={self.config.max_position_embeddings}")
+        cos, sin = self.rotary(positions.flatten())
+        return cos.view(*positions.shape, -1), sin.view(*positions.shape, -1)
+
+    def mtp_forward(
+        self,
+        depth: int,
+        prev_hidden_BSD: torch.Tensor,
+        future_ids_BS: torch.Tensor,
+        *,
+        cache,
+        start_pos: int | torch.Tensor,
+        attention: str = "auto",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run MTP module ``depth`` (1-based) on its own cache layer (layer index L + depth − 1), for drafting.
+
+        ``prev_hidden_BSD`` is h^{depth-1} at these positions (``out.hidden`` of the main model for depth 1)
+        and ``future_ids_BS`` the tokens t_{i+depth} (docs/mtp.md). Returns the module's block output
+        ``[B, S, D]`` (h^depth, the next depth's input) and its logits ``[B, S, V]`` (predicting t_{i+depth+1}).
+        """
+        if not 1 <= depth <= len(self.mtp):
+            raise ValueError(f"depth must be in [1, {len(self.mtp)}], got {depth}")
+        module = self.mtp[depth - 1]
+        cos_SR, sin_SR = self.rope_tables(start_pos, future_ids_BS.shape[1], future_ids_BS.device)
+        h_BSD = module.combine(prev_hidden_BSD, self.model.embed_tokens(future_ids_BS))
+        out = module.block(h_BSD, cos_SR, sin_SR, cache=cache, start_pos=start_pos, attention=attention)
+        return out.hidden_BSD, self.lm_head(module.shared_head.norm(out.hidden_BSD))
