@@ -172,12 +172,13 @@ class ModelConfig:
                 raise ConfigError(
                     f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})"
                 )
-            reachable = self.topk_group * (self.n_routed_experts // self.n_group)
+            if self.topk_method == "greedy":  # groups are ignored: every expert is reachable
+                reachable, where = self.n_routed_experts, "routed experts"
+            else:
+                reachable = self.topk_group * (self.n_routed_experts // self.n_group)
+                where = f"experts in the topk_group={self.topk_group} chosen groups"
             if self.num_experts_per_tok > reachable:
-                raise ConfigError(
-                    f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the {reachable} experts "
-                    f"in the topk_group={self.topk_group} chosen groups"
-                )
+                raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the {reachable} {where}")
             if not self.routed_scaling_factor > 0:
                 raise ConfigError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
         if self.yarn is not None:

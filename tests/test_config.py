@@ -55,6 +55,18 @@ def test_validation_names_the_bad_field(changes, field):
         ModelConfig.from_dict(data)
 
 
+def test_greedy_routing_ignores_groups_in_the_reachability_check():
+    # DeepSeek-V2-style greedy top-k ignores groups (as transformers and DeepSeek's reference do), so
+    # 6 experts of 8 are reachable although one kept group of 2 holds only 2 of them.
+    data = ModelConfig.from_preset("tiny").to_dict() | {
+        "topk_method": "greedy", "scoring_func": "softmax", "num_experts_per_tok": 6, "topk_group": 1}
+    assert ModelConfig.from_dict(data).num_experts_per_tok == 6
+    with pytest.raises(ConfigError, match="num_experts_per_tok"):
+        ModelConfig.from_dict(data | {"topk_method": "group_limited_greedy"})
+    with pytest.raises(ConfigError, match="num_experts_per_tok"):
+        ModelConfig.from_dict(data | {"num_experts_per_tok": 9})
+
+
 def test_unknown_preset_and_bad_json_give_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         ModelConfig.from_preset("nope")
