@@ -26,6 +26,8 @@ from latentmoe.data import (
 )
 from latentmoe.infer import SamplingParams, generate_text
 from latentmoe.model.transformer import CausalLM
+from latentmoe.plan import param_count
+from latentmoe.plan.arch import arch_from_model_config
 from latentmoe.train.checkpoint import latest_checkpoint, load_model, resolve_checkpoint
 from latentmoe.train.trainer import TrainConfig, TrainResult, train
 
@@ -155,14 +157,9 @@ class DemoResult:
 
 
 def active_parameters(config: ModelConfig) -> int:
-    """Parameters used per token by the main model: experts beyond the top-k (unused) are excluded."""
-    with torch.device("meta"):
-        model = CausalLM(config)
-    total = model.num_parameters(include_mtp=False)
-    per_expert = 3 * config.hidden_size * config.moe_intermediate_size
-    n_moe = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
-    idle = n_moe * (config.n_routed_experts - config.num_experts_per_tok) * per_expert
-    return total - idle
+    """Parameters used per token by the main model (embedding and head included, MTP excluded) —
+    the planner's count, so the demo and ``latentmoe plan`` agree."""
+    return param_count(arch_from_model_config(config, "model")).active
 
 
 def run_demo(

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -86,4 +85,3 @@ def test_every_subcommand_has_help(tmp_path):
     for cmd in ([], ["train"], ["generate"], ["demo"]):
         r = run(*cmd, "--help", cwd=tmp_path, cache=tmp_path / "c")
         assert r.returncode == 0 and "usage:" in r.stdout
-    assert Path(tmp_path).exists()
