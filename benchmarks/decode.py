@@ -262,21 +262,20 @@ def throughput_part(args, cases: list[dict], chart: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- part 3
 def trained_small(args):
-    from latentmoe.pipeline import find_tokenizer
-    from latentmoe.train.checkpoint import latest_checkpoint, load_model
+    from latentmoe.checkpoint import find_tokenizer, latest_checkpoint, load_model
 
     for run in ([Path(args.checkpoint)] if args.checkpoint else [DEMO_RUN, BENCH_RUN]):
         ckpt = latest_checkpoint(run) if run.is_dir() else None
         if ckpt is not None:
             model, _ = load_model(ckpt)
             return model, find_tokenizer(ckpt), ckpt
-    from latentmoe.pipeline import train_on_corpus
-    from latentmoe.train.trainer import TrainConfig
+    from latentmoe.train import TrainConfig
+    from latentmoe.train.run import train_on_corpus
 
     print(f"no trained checkpoint: training 'small' for {args.train_steps} steps into {BENCH_RUN} (as make demo)")
-    cfg = TrainConfig(out_dir=str(BENCH_RUN), preset="small", steps=args.train_steps, batch_size=16, seq_len=128,
-                      warmup_steps=max(1, args.train_steps // 20), eval_every=0, eval_batches=2).validate()
-    result, data = train_on_corpus(cfg, model_spec="small", progress=False)
+    # TrainConfig's defaults are make demo's; only the length and the (skipped) evaluation differ.
+    cfg = TrainConfig(out_dir=str(BENCH_RUN), steps=args.train_steps, eval_every=0, eval_batches=2).validate()
+    result, data = train_on_corpus(cfg, model_spec="small", progress=False, resume="auto")
     model, _ = load_model(result.checkpoint)
     return model, data.tokenizer, result.checkpoint
 

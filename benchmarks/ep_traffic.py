@@ -79,24 +79,23 @@ def small_config(n_nodes: int, m: int):
 def train_case(rank: int, args, n_nodes: int, per_node: int, m: int, data, out: Path) -> dict:
     from latentmoe import CausalLM
     from latentmoe.data import random_windows
+    from latentmoe.parallel.strategy import ExpertParallelStrategy, ParallelConfig
     from latentmoe.parallel.topology import build_groups
-    from latentmoe.parallel.training import ParallelConfig, attach
-    from latentmoe.train.trainer import TrainConfig, train
+    from latentmoe.train import TrainConfig, train
 
     parallel = ParallelConfig(ep=WORLD, gpus_per_node=per_node, dispatch=DISPATCH, combine=COMBINE)
-    groups = build_groups(parallel.topology(rank, WORLD))
+    strategy = ExpertParallelStrategy(build_groups(parallel.topology(rank, WORLD)), parallel)
     config = small_config(n_nodes, m)
     torch.manual_seed(SEED)
-    model = CausalLM(config)
-    distributed = attach(model, groups, parallel)
+    model = strategy.prepare_model(CausalLM(config))
 
     def batch_fn(step: int) -> torch.Tensor:
         return random_windows(data, batch_size=args.batch_size, seq_len=args.seq_len, seed=SEED, step=step)
 
-    cfg = TrainConfig(out_dir=out, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                      lr=2e-3, min_lr=2e-4, warmup_steps=max(1, args.steps // 20), log_every=1, eval_every=0,
-                      save_every=args.steps, keep_last=1)
-    train(cfg, batch_fn=batch_fn, model=model, handle_sigint=False, distributed=distributed)
+    # TrainConfig's defaults, except: every step logged (traffic per step), no evaluation, one final checkpoint.
+    cfg = TrainConfig(out_dir=out, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, log_every=1,
+                      eval_every=0, save_every=0, keep_last=1)
+    train(cfg, batch_fn=batch_fn, model=model, handle_signals=False, strategy=strategy, overwrite=True)
     if rank != 0:
         return {}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -210,8 +209,8 @@ def overlap_case(rank: int, args, data) -> dict:
 def worker(rank: int, port: int, args, results_path: str) -> None:
     os.environ.update({"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
     torch.set_num_threads(1)
-    from latentmoe.parallel.topology import init_distributed
-    from latentmoe.pipeline import prepare_data
+    from latentmoe.data.shipped import prepare_shipped_data as prepare_data
+    from latentmoe.parallel.runtime import init_distributed
 
     init_distributed(init_method=f"tcp://{LOOPBACK}:{port}", rank=rank, world_size=WORLD,
                      device=torch.device("cpu"), timeout_s=600)

@@ -102,9 +102,9 @@ def logfmt_cases(model: torch.nn.Module, batches: Iterable[torch.Tensor], *, sou
 
 
 def main() -> int:
+    from latentmoe.checkpoint import load_model, resolve_checkpoint
     from latentmoe.data import val_batches
-    from latentmoe.pipeline import prepare_data
-    from latentmoe.train.checkpoint import load_model, resolve_checkpoint
+    from latentmoe.data.shipped import prepare_shipped_data as prepare_data
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="runs/fp8_parity/bf16", help="checkpoint or run directory")

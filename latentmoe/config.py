@@ -5,17 +5,25 @@ not model are kept in ``extra`` and written back by :meth:`ModelConfig.to_json`,
 nothing. Presets live in ``latentmoe/presets/NAME.json`` (same format) and load with
 :meth:`ModelConfig.from_preset`.
 
-All validation happens in :meth:`ModelConfig.validate`, which raises :class:`ConfigError` naming the
+**A config file a person wrote is read strictly** (``strict=True``, what ``--preset path/config.json`` does):
+the shape fields in :data:`REQUIRED_FIELDS` must be present (a missing ``hidden_size`` must not silently become
+DeepSeek-V3's 7168), and a key that is neither a field nor one of the Hugging Face keys we knowingly pass
+through (:data:`PASSTHROUGH_KEYS`: ``architectures``, ``torch_dtype``, ...) is an error naming the closest known
+field — a typo like ``hiden_size`` is caught. To carry keys of your own, put them in an ``"extra": {...}``
+object; they are kept and written back there. Files written by Hugging Face tools or by us (checkpoints) are
+read with ``strict=False``: unknown keys are kept in ``extra``.
+
+All value checks happen in :meth:`ModelConfig.validate`, which raises :class:`ConfigError` naming the
 offending field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,6 +34,22 @@ PRESET_PACKAGE = "latentmoe.presets"
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
+# The shape of the model: a config without them describes nothing in particular, so they have no silent default.
+REQUIRED_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+)
+REQUIRED_FOR_MOE = ("moe_intermediate_size", "num_experts_per_tok")
+EXTRA_KEY = "extra"
+# Hugging Face / DeepSeek config.json keys we read past without modelling them (kept in ``extra``, written back
+# at the top level). Anything else unknown is an error when a file is read strictly.
+PASSTHROUGH_KEYS = frozenset({
+    "_name_or_path", "architectures", "auto_map", "aux_loss_alpha", "chunk_size_feed_forward", "dtype", "ep_size",
+    "head_dim", "id2label", "is_encoder_decoder", "label2id", "mlp_bias", "num_mtp_layers", "output_attentions",
+    "output_hidden_states", "output_router_logits", "pad_token_id", "pretraining_tp", "problem_type",
+    "qk_head_dim", "quantization_config", "return_dict", "rope_interleave", "rope_parameters", "seq_aux",
+    "tokenizer_class", "torch_dtype", "transformers_version", "use_cache",
+})
 
 
 class ConfigError(ValueError):
@@ -194,47 +218,69 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Build from a config.json dict; unknown keys go to ``extra``. Validates."""
+    def from_dict(cls, data: dict[str, Any], *, strict: bool = False, source: str = "config") -> ModelConfig:
+        """Build from a config.json dict and validate. ``strict`` (a file a person wrote): required fields must be
+        present and unknown keys are an error naming the closest field (see the module docstring); otherwise
+        unknown keys go to ``extra``. ``source`` names the file in errors."""
         if not isinstance(data, dict):
-            raise ConfigError(f"a config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+            raise ConfigError(f"{source}: a config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)} - {EXTRA_KEY}
+        nested = data.get(EXTRA_KEY, {})
+        if not isinstance(nested, dict):
+            raise ConfigError(f"{source}: {EXTRA_KEY} must be a JSON object of your own keys, got {nested!r}")
+        unknown = [k for k in data if k not in known and k != EXTRA_KEY]
+        if strict:
+            missing = [k for k in REQUIRED_FIELDS if k not in data]
+            if not missing and data.get("n_routed_experts"):
+                missing = [k for k in REQUIRED_FOR_MOE if k not in data]
+            if missing:
+                raise ConfigError(f"{source}: required field {missing[0]} is missing")
+            for key in unknown:
+                if key not in PASSTHROUGH_KEYS:
+                    close = difflib.get_close_matches(key, sorted(known), n=1)
+                    hint = f"; did you mean {close[0]}?" if close else ""
+                    raise ConfigError(
+                        f"{source}: unknown field {key!r}{hint} (put keys of your own under \"{EXTRA_KEY}\")"
+                    )
         kwargs = {k: v for k, v in data.items() if k in known}
-        extra = {k: v for k, v in data.items() if k not in known}
-        extra.update(data.get("extra", {}) if isinstance(data.get("extra"), dict) else {})
-        extra.pop("extra", None)
+        extra = {k: data[k] for k in unknown}
+        extra.update(nested)
         if kwargs.get("q_lora_rank") == 0:
             kwargs["q_lora_rank"] = None
         try:
             config = cls(**kwargs, extra=extra)
         except TypeError as exc:  # pragma: no cover - dataclass signature errors
-            raise ConfigError(str(exc)) from None
-        return config.validate()
+            raise ConfigError(f"{source}: {exc}") from None
+        try:
+            return config.validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        """A config.json dict with HF key names (``extra`` keys merged back in)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        out.update(self.extra)
+        """A config.json dict with HF key names: pass-through HF keys at the top level, keys of your own under
+        ``extra`` (so a strict read of the written file accepts it)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != EXTRA_KEY}
+        own = {k: v for k, v in self.extra.items() if k not in PASSTHROUGH_KEYS}
+        out.update({k: v for k, v in self.extra.items() if k in PASSTHROUGH_KEYS})
+        if own:
+            out[EXTRA_KEY] = own
         return out
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> ModelConfig:
+    def from_json(cls, path: str | os.PathLike, *, strict: bool = True) -> ModelConfig:
+        """Read a config.json (or the config.json inside a directory); see :meth:`from_dict` for ``strict``."""
+        from latentmoe.io import read_json
+
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, error=ConfigError, what="config"), strict=strict, source=str(path))
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write config.json atomically (temp file + rename)."""
-        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        from latentmoe.io import write_json_atomic
+
+        write_json_atomic(Path(path), self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_preset(cls, name: str) -> ModelConfig:
@@ -243,7 +289,7 @@ class ModelConfig:
         if name not in names:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(names)}")
         text = resources.files(PRESET_PACKAGE).joinpath(f"{name}.json").read_text()
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(json.loads(text), strict=True, source=f"preset {name}")
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A validated copy with some fields changed."""
@@ -268,16 +314,3 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     if scale <= 1.0:
         return 1.0
     return 0.1 * mscale * math.log(scale) + 1.0
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -57,7 +57,7 @@ def test_resume_continues_to_the_new_total(trained_run):
         (["train", "--out", "x", "--steps", "0"], "--steps"),
         (["train", "--out", "x", "--preset", "nope"], "unknown preset 'nope'"),
         (["generate", "--checkpoint", "does-not-exist", "--prompt", "a"], "does-not-exist"),
-        (["generate", "--checkpoint", ".", "--prompt", "a", "--top-p", "0"], "top_p"),
+        (["generate", "--checkpoint", ".", "--prompt", "a", "--top-p", "0"], "--top-p: must be in (0, 1], got 0"),
         (["frobnicate"], "invalid choice"),
     ],
 )

@@ -18,15 +18,36 @@ def test_presets_load_and_validate():
 
 
 def test_json_round_trip_keeps_unknown_keys(tmp_path):
+    # A file written by a tool (strict=False): any unknown key is kept and written back as it was.
     data = ModelConfig.from_preset("tiny").to_dict()
     data["quantization_config"] = {"fmt": "e4m3", "weight_block_size": [128, 128]}
     data["some_future_key"] = 7
     src = tmp_path / "config.json"
     src.write_text(json.dumps(data))
-    config = ModelConfig.from_json(src)
+    config = ModelConfig.from_json(src, strict=False)
     assert config.extra["some_future_key"] == 7
     config.to_json(tmp_path / "out.json")
-    assert json.loads((tmp_path / "out.json").read_text()) == data
+    written = json.loads((tmp_path / "out.json").read_text())
+    assert written["quantization_config"] == data["quantization_config"]  # a Hugging Face key: top level
+    assert written["extra"] == {"some_future_key": 7}  # ours: under "extra", so a strict read accepts it
+    assert ModelConfig.from_json(tmp_path / "out.json").extra == config.extra
+
+
+def test_a_hand_written_config_is_read_strictly(tmp_path):
+    data = ModelConfig.from_preset("tiny").to_dict()
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({k: v for k, v in data.items() if k != "hidden_size"}))
+    with pytest.raises(ConfigError, match=r"config\.json: required field hidden_size is missing"):
+        ModelConfig.from_json(path)
+    path.write_text(json.dumps({**data, "hiden_size": 64}))
+    with pytest.raises(ConfigError, match=r"unknown field 'hiden_size'; did you mean hidden_size\?"):
+        ModelConfig.from_json(path)
+    path.write_text(json.dumps({**data, "extra": {"my_note": "kept"}, "torch_dtype": "bfloat16"}))
+    config = ModelConfig.from_json(path)
+    assert config.extra == {"architectures": data["architectures"], "my_note": "kept", "torch_dtype": "bfloat16"}
+    path.write_text(json.dumps({**data, "extra": 3}))
+    with pytest.raises(ConfigError, match="extra must be a JSON object"):
+        ModelConfig.from_json(path)
 
 
 def test_q_lora_rank_zero_means_no_query_compression():

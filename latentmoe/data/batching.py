@@ -49,6 +49,7 @@ from tokenizers import Tokenizer
 
 from latentmoe.data.corpus import CorpusSplits
 from latentmoe.data.tokenizer import BOS_ID, EOS_ID, tokenizer_digest
+from latentmoe.device import HOST
 
 # Mixes (seed, step) into one generator seed; a prime, so nearby (seed, step) pairs don't collide
 # for step < 1_000_003.
@@ -124,7 +125,7 @@ def _check_stream(ids_N: torch.Tensor, seq_len: int) -> None:
 
 def window_generator(seed: int, step: int) -> torch.Generator:
     """A fresh CPU generator whose state depends only on ``(seed, step)``."""
-    generator = torch.Generator(device="cpu")
+    generator = torch.Generator(device=HOST)
     generator.manual_seed((seed * SEED_STEP_MULTIPLIER + step) % GENERATOR_SEED_MODULUS)
     return generator
 

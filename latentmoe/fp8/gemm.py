@@ -44,6 +44,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from latentmoe.device import cuda_available, is_cuda
 from latentmoe.fp8.formats import E4M3
 from latentmoe.fp8.quant import BLOCK, dequantize
 
@@ -227,7 +228,7 @@ def blockwise_matmul_dequant(
 def scaled_mm_blockwise_available(device: torch.device | str) -> bool:
     """Whether this torch and GPU may run ``F.scaled_mm`` with 1×128 × 128×128 scales (capability check)."""
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
+    if not is_cuda(device) or not cuda_available():
         return False
     if not (hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")):
         return False

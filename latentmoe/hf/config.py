@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from latentmoe.config import ConfigError, ModelConfig
+from latentmoe.config import EXTRA_KEY, ConfigError, ModelConfig
 from latentmoe.hf.errors import HFCheckpointError
 
 ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"}
@@ -97,9 +97,9 @@ def config_from_hf(data: dict[str, Any], *, source: str = "config.json") -> HFCo
     for key in REWRITTEN:
         data.pop(key, None)
     try:
-        config = ModelConfig.from_dict(data)
+        config = ModelConfig.from_dict(data, source=source)
     except ConfigError as exc:
-        raise HFCheckpointError(f"{source}: {exc}") from None
+        raise HFCheckpointError(str(exc)) from None
     expected = {"qk_head_dim": config.qk_head_dim, "head_dim": config.qk_rope_head_dim}
     for key, value in derived.items():
         if value is not None and value != expected[key]:
@@ -113,6 +113,7 @@ def config_to_hf(config: ModelConfig, *, dtype: str, num_mtp_layers: int) -> dic
     ``dtype``: the weights' dtype name ("bfloat16", "float32"); ``num_mtp_layers``: MTP modules in the files.
     """
     out = {k: v for k, v in config.to_dict().items() if k not in REWRITTEN}
+    out.update(out.pop(EXTRA_KEY, {}))  # an HF config.json keeps every key at the top level
     out["architectures"] = [ARCHITECTURES.get(config.model_type, ARCHITECTURES["deepseek_v3"])]
     out["num_nextn_predict_layers"] = num_mtp_layers
     out["q_lora_rank"] = config.q_lora_rank or None

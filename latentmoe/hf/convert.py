@@ -1,26 +1,37 @@
 """``latentmoe convert``: Hugging Face layout ⇄ our training checkpoints (and HF → HF, e.g. FP8 → BF16).
 
-Our checkpoints are run directories (``checkpoint-STEP/`` + ``tokenizer.json``, see train/checkpoint.py);
+Our checkpoints are run directories (``checkpoint-STEP/`` + ``tokenizer.json``, see latentmoe.checkpoint);
 a conversion into one writes ``DST/checkpoint-000000`` and the tokenizer next to it, so that
-``latentmoe generate --checkpoint DST`` and ``latentmoe train --resume`` find them.
+``latentmoe generate --checkpoint DST`` finds them.
+
+Destinations follow latentmoe's file rules (docs/safety.md): DST must be new, empty, or a previous conversion of
+the same kind (its ``.latentmoe.json`` marker says so); with ``overwrite`` it may hold other files, which are
+kept. DST may never be the source itself, lie inside it, or be a training run or checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from latentmoe.checkpoint import CheckpointError, find_tokenizer, load_model, resolve_checkpoint, save_checkpoint
+from latentmoe.checkpoint.layout import STATE_FILE
 from latentmoe.hf.errors import HFCheckpointError
 from latentmoe.hf.files import is_hf_checkpoint
 from latentmoe.hf.load import inspect_checkpoint, load_pretrained
 from latentmoe.hf.save import DEFAULT_MAX_SHARD_SIZE, save_pretrained
-from latentmoe.hf.tokenizer import load_tokenizer, save_tokenizer
+from latentmoe.hf.save import HF_EXPORT_KIND as HF_EXPORT
+from latentmoe.hf.tokenizer import TOKENIZER_NAME, load_tokenizer, save_tokenizer
+from latentmoe.io import DestinationError, check_destination, claim, publish_directory, read_ownership, temp_dir
 
 HF, LATENTMOE = "hf", "latentmoe"
 KINDS = (HF, LATENTMOE)
+CONVERTED_KIND = "converted"
+TRAINING_KINDS = ("run", "demo")
 
 
 @dataclass(frozen=True)
@@ -42,8 +53,6 @@ class ConvertResult:
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
     """"hf" for a Hugging Face directory, "latentmoe" for one of our checkpoints or run directories."""
-    from latentmoe.train.checkpoint import CheckpointError, resolve_checkpoint
-
     if is_hf_checkpoint(path):
         return HF
     try:
@@ -64,14 +73,14 @@ def convert(
     dtype: torch.dtype | None = None,
     dequantize: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
 ) -> ConvertResult:
     """Convert ``src`` into ``dst``; ``to`` defaults to the other kind than ``src``'s.
 
     dtype: of the written weights (default: as stored; bf16 for an FP8 source). FP8 block-quantised sources
-    need ``dequantize=True`` — our model holds full-precision weights.
+    need ``dequantize=True`` — our model holds full-precision weights. ``overwrite``: see the module docstring.
+    Everything about the destination is checked before any weights are read.
     """
-    from latentmoe.train.checkpoint import load_model, resolve_checkpoint, save_checkpoint
-
     src, dst = Path(src), Path(dst)
     kind = checkpoint_kind(src)
     to = to or (LATENTMOE if kind == HF else HF)
@@ -79,6 +88,9 @@ def convert(
         raise ValueError(f"to must be one of {KINDS}, got {to!r}")
     if kind == LATENTMOE and to == LATENTMOE:
         raise ValueError(f"{src} is already a latentmoe checkpoint; convert it to the hf layout or copy it")
+    check_not_source(src, dst)
+    destination = _check(dst, kinds=(HF_EXPORT if to == HF else CONVERTED_KIND,), overwrite=overwrite,
+                         writes=(TOKENIZER_NAME,))
     dequantized = 0
     if kind == HF:
         info = inspect_checkpoint(src)
@@ -94,13 +106,12 @@ def convert(
         ckpt = resolve_checkpoint(src)
         model, _ = load_model(ckpt)
         dtype = dtype or model.lm_head.weight.dtype
-        tokenizer = _our_tokenizer(ckpt)
+        tokenizer = find_tokenizer(ckpt, required=False)
     if to == HF:
-        written = save_pretrained(model, dst, tokenizer=tokenizer, max_shard_size=max_shard_size, dtype=dtype).path
+        written = save_pretrained(model, dst, tokenizer=tokenizer, max_shard_size=max_shard_size, dtype=dtype,
+                                  overwrite=overwrite).path
     else:
-        written = save_checkpoint(dst, 0, model, None, {"converted_from": str(src)}, model.config)
-        if tokenizer is not None:
-            save_tokenizer(tokenizer, dst, config=model.config)
+        written = _write_converted(model, destination, tokenizer=tokenizer, source=src)
     return ConvertResult(
         source=src,
         source_kind=kind,
@@ -115,11 +126,42 @@ def convert(
     )
 
 
-def _our_tokenizer(ckpt: Path):
-    """``tokenizer.json`` next to one of our checkpoints (in it or in its run directory), or None."""
-    from tokenizers import Tokenizer
+def check_not_source(src: Path, dst: Path) -> None:
+    """A conversion never writes over its source, into it, or into a training run or checkpoint."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s in d.parents or d in s.parents:
+        raise HFCheckpointError(f"{dst}: is (or contains, or lies inside) the source {src}; choose another destination")
+    owner = read_ownership(d) if d.is_dir() else None
+    if (d / STATE_FILE).exists() or (owner is not None and owner.kind in TRAINING_KINDS):
+        raise HFCheckpointError(f"{dst}: is a training run or checkpoint; an export never writes into one")
+    for parent in d.parents:
+        if (parent / STATE_FILE).exists():
+            raise HFCheckpointError(f"{dst}: lies inside the training checkpoint {parent}; choose another destination")
 
-    for candidate in (ckpt / "tokenizer.json", ckpt.parent / "tokenizer.json"):
-        if candidate.is_file():
-            return Tokenizer.from_file(str(candidate))
-    return None
+
+def _check(dst: Path, *, kinds: tuple[str, ...], overwrite: bool, writes: tuple[str, ...]):
+    try:
+        return check_destination(dst, kinds=kinds, overwrite=overwrite, writes=writes)
+    except DestinationError as exc:
+        raise HFCheckpointError(str(exc)) from None
+
+
+def _write_converted(model, destination, *, tokenizer, source: Path) -> Path:
+    """``checkpoint-000000`` (+ ``tokenizer.json``) built in a temporary sibling, then published as the destination."""
+    dst = destination.path
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(dst.parent, dst.name)
+    try:
+        ckpt = save_checkpoint(tmp, 0, model, None, {"converted_from": str(source)}, model.config,
+                               owner_kind=CONVERTED_KIND)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp, config=model.config)
+            claim(tmp, CONVERTED_KIND, [p.name for p in tmp.iterdir() if p.name.startswith("tokenizer")])
+        publish_directory(tmp, destination, kind=CONVERTED_KIND)
+    except DestinationError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HFCheckpointError(str(exc)) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # our temporary directory: only our files are in it
+        raise
+    return dst / ckpt.name

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from latentmoe.hf.errors import HFCheckpointError
+from latentmoe.io import one_line, read_json
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -38,7 +39,6 @@ TORCH_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
 MIN_WINDOW_BYTES = 1 << 20
 MAX_WINDOW_BYTES = 256 << 20
 WINDOWS_PER_FILE = 16
-SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 @dataclass(frozen=True)
@@ -99,10 +99,7 @@ def read_headers(directory: str | os.PathLike) -> dict[str, TensorHeader]:
 
 
 def _read_index(path: Path) -> dict[str, str]:
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HFCheckpointError(f"{path}: unreadable ({_one_line(exc)})") from None
+    index = read_json(path, error=HFCheckpointError)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise HFCheckpointError(f"{path}: no weight_map object of tensor name -> file name")
@@ -122,7 +119,7 @@ def _file_headers(path: Path) -> dict[str, TensorHeader]:
                 out[key] = TensorHeader(path, s.get_dtype(), tuple(s.get_shape()))
             return out
     except (SafetensorError, OSError) as exc:
-        raise HFCheckpointError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from None
+        raise HFCheckpointError(f"{path}: not a readable safetensors file ({one_line(exc)})") from None
 
 
 def window_bytes_for(total_bytes: int) -> int:
@@ -161,7 +158,7 @@ def _read_window(path: Path, keys: list[str]) -> Iterator[list[tuple[str, torch.
             yield tensors
             del tensors
     except (SafetensorError, OSError, RuntimeError) as exc:
-        raise HFCheckpointError(f"{path}: cannot read tensor {key} ({_one_line(exc)})") from None
+        raise HFCheckpointError(f"{path}: cannot read tensor {key} ({one_line(exc)})") from None
 
 
 def read_tensor(header: TensorHeader, key: str) -> torch.Tensor:
@@ -172,25 +169,6 @@ def read_tensor(header: TensorHeader, key: str) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ writing
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like "5GB", "500MB", "2GiB"."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        value = size
-    elif isinstance(size, str):
-        text = size.strip().upper().replace(" ", "")
-        unit = next((u for u in sorted(SIZE_UNITS, key=len, reverse=True) if text.endswith(u)), None)
-        number = text[: -len(unit)] if unit else text.rstrip("B")
-        try:
-            value = int(float(number) * (SIZE_UNITS[unit] if unit else 1))
-        except ValueError:
-            raise ValueError(f"max_shard_size {size!r} is not a size like 5GB or 500MB") from None
-    else:
-        raise ValueError(f"max_shard_size {size!r} is not a size like 5GB or 500MB")
-    if value < 1:
-        raise ValueError(f"max_shard_size must be positive, got {size!r}")
-    return value
 
 
 def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
@@ -239,8 +217,3 @@ def write_shards(
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         written.append(directory / INDEX_NAME)
     return written
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 300 else text[:297] + "..."

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import torch
 
-FP8_DTYPE = torch.float8_e4m3fn
+from latentmoe.fp8.formats import E4M3
+
+FP8_DTYPE = E4M3.dtype
 
 
 def scale_grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:

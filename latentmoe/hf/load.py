@@ -16,7 +16,6 @@ config may declare ``num_nextn_predict_layers: 1`` with no such weights: the mod
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,9 +41,8 @@ from latentmoe.hf.files import (
 )
 from latentmoe.hf.fp8 import FP8_DTYPE, dequantize_blocks, scale_grid
 from latentmoe.hf.names import NameTable, TensorMap, build_name_table, layer_of, rope_rows_permutation, scale_name
-from latentmoe.model.moe import Router
-from latentmoe.model.rope import RotaryEmbedding
-from latentmoe.model.transformer import CausalLM
+from latentmoe.io import read_json
+from latentmoe.model.transformer import CausalLM, empty_model
 
 MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MAX_READ_THREADS = 4  # page-fault-bound copies: more threads than this only contend
@@ -113,12 +111,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     if not path.is_dir():
         raise HFCheckpointError(f"{path}: no such checkpoint directory")
     config_path = path / CONFIG_NAME
-    try:
-        data = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise HFCheckpointError(f"{config_path}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HFCheckpointError(f"{config_path}: unreadable ({' '.join(str(exc).split())})") from None
+    data = read_json(config_path, error=HFCheckpointError)
     hf = config_from_hf(data, source=str(config_path))
     headers = read_headers(path)
     L = hf.config.num_hidden_layers
@@ -227,29 +220,6 @@ def _check_tensor(
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def empty_model(config: ModelConfig, dtype: torch.dtype) -> CausalLM:
-    """A :class:`CausalLM` with uninitialised ``dtype`` storage (router biases fp32), allocated exactly once."""
-    with torch.device("meta"):
-        model = CausalLM(config)
-    model.to(dtype)
-    for module in model.modules():
-        if isinstance(module, Router) and module.e_score_correction_bias is not None:
-            module.e_score_correction_bias = module.e_score_correction_bias.float()  # selection state stays fp32
-    shared: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        shared.setdefault(id(p), []).append(name)
-    model.to_empty(device="cpu")
-    for first, *others in (names for names in shared.values() if len(names) > 1):  # to_empty unties: re-tie
-        for name in others:
-            owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner), attr, model.get_parameter(first))
-    model.rotary = RotaryEmbedding(config)  # computed (non-persistent) tables: rebuild rather than load
-    for name, module in model.named_modules():
-        if module._non_persistent_buffers_set and module is not model.rotary:
-            raise RuntimeError(f"latentmoe.hf cannot rebuild the computed buffers of {name}; update empty_model")
-    return model
-
-
 def read_into(
     info: CheckpointInfo,
     plan: LoadPlan,
@@ -285,19 +255,24 @@ def read_into(
 
 
 def load_pretrained(
-    path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, num_layers: int | None = None
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    num_layers: int | None = None,
+    device: torch.device | str | None = None,
 ) -> CausalLM:
     """A :class:`CausalLM` (eval mode) from a Hugging Face DeepSeek-V3/V2 checkpoint directory.
 
     dtype: parameter dtype (FP8 weights are dequantised to it; router biases stay fp32).
     num_layers: load only the first N transformer layers (and no MTP module) for a quick look.
+    device: where the model is allocated and each tensor copied to (default the host); nothing is built twice.
     MTP modules are loaded when the files hold them. Raises :class:`HFCheckpointError` naming file and tensor.
     """
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(map(str, MODEL_DTYPES))}, got {dtype}")
     info = inspect_checkpoint(path)
     plan = plan_load(info, num_layers=num_layers)
-    model = empty_model(plan.config, dtype)
+    model = empty_model(plan.config, dtype=dtype, device=device)
     state = model.state_dict()
 
     def place(key: str, tensor: torch.Tensor) -> None:

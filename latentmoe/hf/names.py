@@ -28,11 +28,12 @@ import re
 from dataclasses import dataclass, field
 
 from latentmoe.config import ModelConfig
+from latentmoe.model.moe import EXPERT_PARAMETERS
 
-EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+EXPERT_PROJS = EXPERT_PARAMETERS
 SCALE_SUFFIX = "_scale_inv"
 _MTP_RE = re.compile(r"^mtp\.(?P<k>\d+)\.(?:block\.)?(?P<rest>.+)$")
-_STACKED_RE = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+_STACKED_RE = re.compile(rf"^(?P<prefix>.+\.mlp\.experts)\.(?P<proj>{'|'.join(EXPERT_PARAMETERS)})$")
 _LAYER_RE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.")
 # Rows of these HF tensors hold per-head [nope | rope] query channels or [latent | rope] key channels.
 _QUERY_PROJ_RE = re.compile(r"\.self_attn\.(?:q_b_proj|q_proj)\.weight$")

@@ -6,7 +6,10 @@ tokenizer files when a tokenizer is given. Routed experts are written one tensor
 modules as ``model.layers.{L+k}.*`` with a copy of the head as ``shared_head.head`` (the name table in
 names.py), so transformers, DeepSeek's reference code and llama.cpp's converter all read it.
 
-Like our own checkpoints, the directory is written under a temporary name and renamed into place.
+Like our own checkpoints, the directory is written under a temporary name beside the destination and renamed
+into place, and it carries latentmoe's marker (``.latentmoe.json``, ignored by transformers and llama.cpp) so a
+later save may replace it. A destination holding files we did not write is refused unless ``overwrite=True``, and
+even then those files are kept (latentmoe.io, docs/safety.md).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +25,14 @@ from tokenizers import Tokenizer
 
 from latentmoe.hf.config import config_to_hf
 from latentmoe.hf.errors import HFCheckpointError
-from latentmoe.hf.files import CONFIG_NAME, GENERATION_CONFIG_NAME, parse_size, write_shards
+from latentmoe.hf.files import CONFIG_NAME, GENERATION_CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, write_shards
 from latentmoe.hf.names import build_name_table
-from latentmoe.hf.tokenizer import HFTokenizer, save_tokenizer
+from latentmoe.hf.tokenizer import TOKENIZER_CONFIG_NAME, TOKENIZER_NAME, HFTokenizer, save_tokenizer
+from latentmoe.io import DestinationError, check_destination, parse_size, publish_directory, temp_dir
 from latentmoe.model.transformer import CausalLM
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-DIR_MODE = 0o755
-FILE_MODE = 0o644
+HF_EXPORT_KIND = "hf-export"
 
 
 @dataclass(frozen=True)
@@ -71,22 +73,28 @@ def save_pretrained(
     tokenizer: HFTokenizer | Tokenizer | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> SaveResult:
     """Write ``model`` (and ``tokenizer``) to ``path`` in the Hugging Face layout; see the module docstring.
 
     max_shard_size: bytes or "5GB"-style; above it the weights are split into shards with an index.
     dtype: save the weights in this dtype (e.g. torch.bfloat16); None keeps the model's.
-    An existing ``path`` must be empty or a Hugging Face checkpoint (which is then replaced).
+    ``path`` must be new, empty, or an export of ours; with ``overwrite`` it may also hold other files, which are
+    kept (one named like a file we write is still refused). Raises HFCheckpointError naming the path otherwise.
     """
     path = Path(path)
-    max_bytes = parse_size(max_shard_size)
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / CONFIG_NAME).is_file())):
-        raise HFCheckpointError(f"{path}: exists and is not an empty directory or a Hugging Face checkpoint")
+    max_bytes = parse_size(max_shard_size, what="max_shard_size")
+    try:
+        destination = check_destination(path, kinds=(HF_EXPORT_KIND,), overwrite=overwrite,
+                                        writes=(CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME,
+                                                TOKENIZER_NAME, TOKENIZER_CONFIG_NAME))
+    except DestinationError as exc:
+        raise HFCheckpointError(str(exc)) from None
     tensors = hf_tensors(model, dtype=dtype)
     stored = dtype or model.lm_head.weight.dtype
     config = config_to_hf(model.config, dtype=str(stored).removeprefix("torch."), num_mtp_layers=len(model.mtp))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = temp_dir(path.parent, path.name)
     try:
         files = write_shards(tmp, tensors, max_shard_bytes=max_bytes)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -96,24 +104,12 @@ def save_pretrained(
         files += [tmp / CONFIG_NAME, tmp / GENERATION_CONFIG_NAME]
         if tokenizer is not None:
             files += save_tokenizer(tokenizer, tmp, config=model.config)
-        for f in files:
-            os.chmod(f, FILE_MODE)
-        os.chmod(tmp, DIR_MODE)  # mkdtemp makes it private
-        _replace_dir(tmp, path)
+        try:
+            publish_directory(tmp, destination, kind=HF_EXPORT_KIND)
+        except DestinationError as exc:
+            raise HFCheckpointError(str(exc)) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # our temporary directory: only our files are in it
         raise
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     return SaveResult(path, [path / f.name for f in files], len(tensors), total)
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Rename ``tmp`` to ``path``; an existing ``path`` is moved aside first and removed after."""
-    if not path.exists():
-        os.rename(tmp, path)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-    os.replace(path, old / path.name)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-

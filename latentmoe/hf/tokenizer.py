@@ -18,6 +18,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from latentmoe.hf.errors import HFCheckpointError
+from latentmoe.io import one_line, read_json
 
 TOKENIZER_NAME = "tokenizer.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
@@ -93,14 +94,11 @@ def load_tokenizer(path: str | os.PathLike) -> HFTokenizer | None:
     try:
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
     except Exception as exc:  # tokenizers raises a bare Exception on a bad file
-        raise HFCheckpointError(f"{tokenizer_path}: unreadable ({' '.join(str(exc).split())[:200]})") from None
+        raise HFCheckpointError(f"{tokenizer_path}: not a valid tokenizer ({one_line(exc)})") from None
     config_path = path / TOKENIZER_CONFIG_NAME
     config: dict[str, Any] = {}
     if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise HFCheckpointError(f"{config_path}: unreadable ({' '.join(str(exc).split())})") from None
+        config = read_json(config_path, error=HFCheckpointError)
         if not isinstance(config, dict):
             raise HFCheckpointError(f"{config_path}: not a JSON object")
     template = _chat_template(config.get("chat_template"), config_path)

@@ -20,6 +20,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from latentmoe.device import HOST
+from latentmoe.limits import bounds, check_fields
+
+MAX_TOKENS = 2**31 - 1
+MAX_TEMPERATURE = 100.0  # beyond this every distribution is uniform to float precision
+MAX_SEED = 2**63 - 1
+
 
 @dataclass
 class SamplingParams:
@@ -28,23 +35,16 @@ class SamplingParams:
     ``max_tokens``, after a token in ``stop_token_ids`` (kept in the output) or when the text contains one
     of the ``stop`` strings (the text is cut before it; needs a tokenizer)."""
 
-    max_tokens: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
+    max_tokens: int = field(default=64, metadata=bounds(1, MAX_TOKENS, integer=True))
+    temperature: float = field(default=1.0, metadata=bounds(0, MAX_TEMPERATURE))
+    top_k: int = field(default=0, metadata=bounds(0, MAX_TOKENS, integer=True))
+    top_p: float = field(default=1.0, metadata=bounds(0, 1, low_open=True))
+    seed: int | None = field(default=None, metadata=bounds(0, MAX_SEED, integer=True, optional=True))
     stop_token_ids: Sequence[int] = field(default_factory=tuple)
     stop: Sequence[str] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_fields(self, ValueError)
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -58,7 +58,7 @@ class SamplingParams:
         """A generator seeded with ``seed`` (None: draws come from torch's global generator)."""
         if self.seed is None:
             return None
-        return torch.Generator(device=device or "cpu").manual_seed(self.seed)
+        return torch.Generator(device=device or HOST).manual_seed(self.seed)
 
 
 def filter_logits(logits_BV: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

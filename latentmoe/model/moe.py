@@ -165,6 +165,15 @@ class Router(nn.Module):
         )
 
 
+EXPERT_PARAMETERS = ("gate_proj", "up_proj", "down_proj")  # the stacked [E, ...] tensors of Experts
+
+
+def is_expert_parameter(name: str) -> bool:
+    """Whether a state-dict name is a routed-expert tensor (``...mlp.experts.{gate,up,down}_proj``): the tensors
+    expert parallelism shards and checkpoints store per rank."""
+    return ".experts." in name and name.rsplit(".", 1)[-1] in EXPERT_PARAMETERS
+
+
 class Experts(nn.Module):
     """E routed SwiGLU experts with stacked weights: gate/up ``[E, I, D]``, down ``[E, D, I]``."""
 

@@ -267,3 +267,36 @@ class CausalLM(nn.Module):
         h_BSD = module.combine(prev_hidden_BSD, self.model.embed_tokens(future_ids_BS))
         out = module.block(h_BSD, cos_SR, sin_SR, cache=cache, start_pos=start_pos, attention=attention)
         return out.hidden_BSD, self.lm_head(module.shared_head.norm(out.hidden_BSD))
+
+
+def empty_model(
+    config: ModelConfig, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> CausalLM:
+    """A :class:`CausalLM` with uninitialised ``dtype`` storage on ``device`` (router biases fp32), for loading.
+
+    Built on the meta device (no memory, no initialisation), then allocated once, straight on the target device:
+    a checkpoint is read into it without a full copy on the host first. Tied weights stay tied and the computed
+    (non-persistent) RoPE tables are rebuilt on the device."""
+    from latentmoe.device import HOST
+
+    device = torch.device(device) if device is not None else HOST
+    with torch.device("meta"):
+        model = CausalLM(config)
+    model.to(dtype)
+    for module in model.modules():
+        if isinstance(module, Router) and module.e_score_correction_bias is not None:
+            module.e_score_correction_bias = module.e_score_correction_bias.float()  # selection state stays fp32
+    shared: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    model.to_empty(device=device)
+    for first, *others in (names for names in shared.values() if len(names) > 1):  # to_empty unties: re-tie
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, model.get_parameter(first))
+    with device:
+        model.rotary = RotaryEmbedding(config)  # computed (non-persistent) tables: rebuild rather than load
+    for name, module in model.named_modules():
+        if module._non_persistent_buffers_set and module is not model.rotary:
+            raise RuntimeError(f"empty_model cannot rebuild the computed buffers of {name}; update it")
+    return model

@@ -2,15 +2,17 @@
 
 docs/expert-parallel.md explains the design. The pieces:
 
-* ``topology``  — :class:`Topology` (nodes × ranks per node, EP and expert-DP groups), :func:`init_distributed`
-  (gloo on CPU, NCCL on CUDA), :func:`build_groups`;
+* ``runtime``   — process lifecycle: :func:`init_distributed` (gloo on CPU, NCCL on CUDA), barrier, shutdown,
+  collective timeouts and :class:`CollectiveError`;
+* ``topology``  — :class:`Topology` (nodes × ranks per node, EP and expert-DP groups), :func:`build_groups`;
 * ``comm``      — differentiable uneven all-to-all of rows, sync or async, with payload codecs (``payload``);
 * ``ep``        — :class:`ExpertParallel`, the ``MoE.expert_parallel`` hook, and :func:`enable_expert_parallel`;
 * ``traffic``   — :class:`TrafficCounters`: bytes per rank by link class (local / intra-node / inter-node),
   dispatch / combine / backward, the DeepEP-style two-hop count;
 * ``eplb``      — :func:`rebalance_experts` (DeepSeek's EPLB as a pure function) and placements;
-* ``training``  — :class:`DistributedTraining`, the trainer's hook (batch sharding, gradient reduction,
-  global grad norm, metrics), and sharded checkpoints;
+* ``strategy``  — :class:`ExpertParallelStrategy`, the trainer's Strategy for EP + DP runs (batch sharding,
+  gradient reduction, global grad norm, metrics), and :func:`start_strategy`;
+* ``checkpoint`` — the collective steps of sharded checkpoints (the format is ``latentmoe.checkpoint``'s);
 * ``report``    — ``latentmoe ep-report RUN_DIR``.
 
 Nothing here runs at import time; torch.distributed is started only by :func:`init_distributed`.
@@ -30,14 +32,14 @@ from latentmoe.parallel.ep import (
 )
 from latentmoe.parallel.eplb import EplbResult, rank_loads, rebalance_experts
 from latentmoe.parallel.payload import Codec
+from latentmoe.parallel.runtime import CollectiveError, collective_errors, init_distributed
+from latentmoe.parallel.strategy import ExpertParallelStrategy, ParallelConfig, start_strategy
 from latentmoe.parallel.topology import (
     ProcessGroups,
     Topology,
     TopologyError,
-    backend_for,
     build_groups,
     experts_per_rank,
-    init_distributed,
 )
 from latentmoe.parallel.traffic import (
     LinkBytes,
@@ -48,22 +50,14 @@ from latentmoe.parallel.traffic import (
     node_limit,
     summarize_over_ranks,
 )
-from latentmoe.parallel.training import (
-    CollectiveError,
-    DistributedTraining,
-    ParallelConfig,
-    attach,
-    collective_errors,
-    start_parallel,
-)
 
 __all__ = [
     "Codec",
     "CollectiveError",
     "CommClock",
     "DispatchPlan",
-    "DistributedTraining",
     "EplbResult",
+    "ExpertParallelStrategy",
     "ExpertParallel",
     "ExpertPlacement",
     "LinkBytes",
@@ -75,8 +69,6 @@ __all__ = [
     "TrafficCounters",
     "TrafficSummary",
     "apply_placement",
-    "attach",
-    "backend_for",
     "build_groups",
     "choose_slots",
     "collective_errors",
@@ -93,7 +85,7 @@ __all__ = [
     "plan_dispatch",
     "rank_loads",
     "rebalance_experts",
-    "start_parallel",
+    "start_strategy",
     "summarize_over_ranks",
     "total_traffic",
 ]

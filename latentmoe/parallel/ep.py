@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from latentmoe.model.moe import Experts, MoE, RouteResult
+from latentmoe.model.moe import EXPERT_PARAMETERS, Experts, MoE, RouteResult
 from latentmoe.parallel.comm import CommClock, PendingExchange, exchange_counts, exchange_start
 from latentmoe.parallel.payload import COMBINE_CODECS, DISPATCH_CODECS, Codec, codec
 from latentmoe.parallel.topology import ProcessGroups, experts_per_rank
@@ -383,11 +383,10 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
 def local_experts_from(experts: Experts, logical_S: torch.Tensor) -> Experts:
     """A new :class:`Experts` holding copies of ``experts``' logical experts ``logical_S`` (one per local slot),
     keeping its ``expert_linear`` (e.g. an FP8 matmul)."""
-    tensors = {name: getattr(experts, name).detach() for name in EXPERT_TENSORS}
+    tensors = {name: getattr(experts, name).detach() for name in EXPERT_PARAMETERS}
     return _experts_from(tensors, logical_S, getattr(experts, EXPERT_MATMUL, None))
 
 
-EXPERT_TENSORS = ("gate_proj", "up_proj", "down_proj")
 EXPERT_MATMUL = "expert_linear"  # Experts' swappable x·Wᵀ (the FP8 expert matmul plugs in there)
 
 
@@ -397,7 +396,7 @@ def _experts_from(full: dict[str, torch.Tensor], logical_S: torch.Tensor, expert
     with torch.device(device):
         local = Experts(logical_S.numel(), hidden, inter).to(dtype)
     with torch.no_grad():
-        for name in EXPERT_TENSORS:
+        for name in EXPERT_PARAMETERS:
             getattr(local, name).copy_(full[name][logical_S.to(device)])
     if expert_linear is not None:
         setattr(local, EXPERT_MATMUL, expert_linear)
@@ -408,10 +407,10 @@ def gather_logical_experts(moe: MoE) -> dict[str, torch.Tensor]:
     """Every logical expert's weights (``[E, ...]`` per tensor), gathered from the EP group (collective)."""
     hook = moe.expert_parallel
     if not isinstance(hook, ExpertParallel):
-        return {name: getattr(moe.experts, name).detach() for name in EXPERT_TENSORS}
+        return {name: getattr(moe.experts, name).detach() for name in EXPERT_PARAMETERS}
     first_slot_E = hook.placement.log2phy_EX[:, 0]
     out = {}
-    for name in EXPERT_TENSORS:
+    for name in EXPERT_PARAMETERS:
         local = getattr(moe.experts, name).detach().contiguous()
         if hook.group is None:
             slots = local
@@ -482,11 +481,6 @@ def moe_layers(model: nn.Module) -> list[MoE]:
 
 def expert_parallel_hooks(model: nn.Module) -> list[ExpertParallel]:
     return [m.expert_parallel for m in moe_layers(model) if isinstance(m.expert_parallel, ExpertParallel)]
-
-
-def is_expert_parameter(name: str) -> bool:
-    """Whether a parameter name is a routed-expert tensor (``...mlp.experts.{gate,up,down}_proj``)."""
-    return ".experts." in name and name.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj")
 
 
 def total_traffic(model: nn.Module) -> TrafficCounters:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from latentmoe.io import read_json
 from latentmoe.parallel.traffic import node_limit
 
 LAYOUT_FILE = "ep_layout.json"
@@ -58,7 +59,7 @@ def ep_report(run_dir: Path) -> EPReport:
         raise ReportError(f"{metrics_path}: missing (not a training run directory)")
     if not layout_path.is_file():
         raise ReportError(f"{layout_path}: missing (the run was not trained with torchrun and --ep)")
-    layout = json.loads(layout_path.read_text())
+    layout = read_json(layout_path, error=ReportError)
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     records = [r for r in records if r.get("a2a_intra_node_bytes") is not None]
     if not records:
@@ -129,7 +130,7 @@ def format_ep_report(report: EPReport) -> str:
 def plot_ep_traffic(report: EPReport, png_path: Path) -> Path:
     from matplotlib.figure import Figure
 
-    from latentmoe.train.metrics import _save_figure
+    from latentmoe.io import save_figure
 
     s, steps = report.series, report.steps
     fig = Figure(figsize=(7.5, 4.2))
@@ -148,4 +149,4 @@ def plot_ep_traffic(report: EPReport, png_path: Path) -> Path:
                  f"M = {report.node_limit}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save_figure(fig, png_path)
+    return save_figure(fig, png_path)

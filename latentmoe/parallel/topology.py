@@ -13,22 +13,15 @@ shared experts): their gradients are averaged over the whole world. A routed exp
 only over its *expert-DP group* — the ``D`` ranks (one per EP group) that hold the same expert slice.
 
 :class:`Topology` is pure arithmetic (no process groups), so layouts are tested without launching
-anything. :func:`init_distributed` starts ``torch.distributed`` (gloo on CPU, NCCL on CUDA, chosen from the
-device) and :func:`build_groups` creates the EP and expert-DP process groups for one :class:`Topology`.
+anything. :func:`build_groups` creates the EP and expert-DP process groups for one :class:`Topology` once
+``torch.distributed`` is started (``latentmoe.parallel.runtime``).
 """
 
 from __future__ import annotations
 
-import datetime
-import os
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
-
-DEFAULT_TIMEOUT_S = 300.0  # collective timeout: a dead peer turns into an error after this long, not a hang
-ENV_RANK, ENV_WORLD, ENV_LOCAL_RANK = "RANK", "WORLD_SIZE", "LOCAL_RANK"
-ENV_RESTART_COUNT, ENV_AGENT_STORE = "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_USE_AGENT_STORE"
 
 
 class TopologyError(ValueError):
@@ -137,85 +130,7 @@ def experts_per_rank(n_routed_experts: int, ep_size: int) -> int:
     return n_routed_experts // ep_size
 
 
-# ---------------------------------------------------------------------------------------------- processes
-
-
-def backend_for(device: torch.device) -> str:
-    """NCCL for CUDA devices, gloo for everything else (CPU)."""
-    return "nccl" if device.type == "cuda" else "gloo"
-
-
-def default_device(local_rank: int = 0) -> torch.device:
-    """This rank's device: ``cuda:LOCAL_RANK`` when CUDA is present, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def env_world() -> tuple[int, int, int]:
-    """``(rank, world_size, local_rank)`` from torchrun's environment; ``(0, 1, 0)`` without it."""
-    return int(os.environ.get(ENV_RANK, 0)), int(os.environ.get(ENV_WORLD, 1)), int(os.environ.get(ENV_LOCAL_RANK, 0))
-
-
-def launched_distributed() -> bool:
-    """Whether this process was started as one of several (torchrun sets WORLD_SIZE)."""
-    return env_world()[1] > 1
-
-
-def init_distributed(
-    *,
-    device: torch.device | None = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    init_method: str | None = None,
-    rank: int | None = None,
-    world_size: int | None = None,
-) -> torch.device:
-    """Start the default process group (if not yet started) and return this rank's device.
-
-    Under torchrun everything comes from the environment (``env://``); tests pass ``init_method``
-    (``tcp://127.0.0.1:PORT``), ``rank`` and ``world_size``. ``timeout_s`` bounds every collective: a rank
-    that died or hangs makes the others fail with an error after that long instead of waiting forever.
-    """
-    env_rank, env_size, local_rank = env_world()
-    rank = env_rank if rank is None else rank
-    world_size = env_size if world_size is None else world_size
-    device = device or default_device(local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=timeout_s)
-        store = _restart_store(rank, world_size, timeout) if init_method is None else None
-        dist.init_process_group(
-            backend_for(device),
-            init_method=None if store is not None else init_method,
-            store=store,
-            rank=rank,
-            world_size=world_size,
-            timeout=timeout,
-        )
-    return device
-
-
-def _restart_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
-    """Under ``torchrun --max-restarts``, a store namespaced by the restart count.
-
-    torchelastic's agent keeps one store for the whole job, so a restarted group would read the addresses its
-    dead predecessors published (gloo then fails with "Connection refused"); a prefix per attempt avoids it.
-    None outside a restarted torchelastic job (the default env:// rendezvous is then right).
-    """
-    restart = os.environ.get(ENV_RESTART_COUNT)
-    if restart is None or int(restart) == 0:
-        return None
-    agent_hosts_store = os.environ.get(ENV_AGENT_STORE) == str(True)
-    base = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        world_size,
-        is_master=rank == 0 and not agent_hosts_store,
-        timeout=timeout,
-        multi_tenant=True,
-    )
-    return dist.PrefixStore(f"latentmoe-restart-{restart}/", base)
+# ---------------------------------------------------------------------------------------------- groups
 
 
 @dataclass
@@ -235,7 +150,7 @@ def build_groups(topology: Topology) -> ProcessGroups:
     if topology.world_size == 1:
         return ProcessGroups(topology, None, None, None)
     if not dist.is_initialized():
-        raise RuntimeError("build_groups needs torch.distributed started first (init_distributed)")
+        raise RuntimeError("build_groups needs torch.distributed started first (parallel.runtime.init_distributed)")
     if dist.get_world_size() != topology.world_size or dist.get_rank() != topology.rank:
         raise TopologyError(
             f"topology says rank {topology.rank} of {topology.world_size}, torch.distributed says "

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from latentmoe.device import HOST
+
 PHASES = ("dispatch", "combine", "backward")
 LINKS = ("local", "intra", "inter")
 
@@ -253,7 +255,7 @@ def summarize_over_ranks(
     ranks = dist.get_world_size(group)
     wire = torch.zeros(ranks, dtype=torch.int64)
     wire[dist.get_rank(group)] = counters.wire
-    both = torch.cat([vec, wire]).to(device or torch.device("cpu"))
+    both = torch.cat([vec, wire]).to(device or HOST)
     dist.all_reduce(both, group=group)
     both = both.cpu()
     total = TrafficCounters.from_tensor(both[: vec.numel()])

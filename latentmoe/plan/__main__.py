@@ -2,6 +2,6 @@
 
 import sys
 
-from latentmoe.plan.command import main
+from latentmoe.cli.plan import main
 
 sys.exit(main())

@@ -1,48 +1,49 @@
-"""Training: the loop, AdamW + warmup/cosine schedule, crash-safe checkpoints, metrics and plots.
+"""Training: the loop, the Strategy it runs under, AdamW + warmup/cosine, the run directory, metrics and plots.
 
 ``train(TrainConfig(...), batch_fn=...)`` is the entry point; the pieces are importable on their own
-(``lr_at`` and ``build_optimizer`` from :mod:`.optim`, ``save_checkpoint`` / ``load_checkpoint`` /
-``load_model`` from :mod:`.checkpoint`, ``MetricsWriter`` and the plots from :mod:`.metrics`).
+(:mod:`.config` TrainConfig, :mod:`.strategy` Strategy / SingleProcess, :mod:`.run_dir` plan_run,
+:mod:`.optim` lr_at / build_optimizer, :mod:`.evaluate`, :mod:`.metrics`). Checkpoints are
+``latentmoe.checkpoint``'s.
 """
 
-from latentmoe.train.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    load_model,
-    save_checkpoint,
-)
-from latentmoe.train.metrics import MetricsWriter, plot_expert_load, plot_loss, read_metrics
+from latentmoe.train.config import TrainConfig
+from latentmoe.train.evaluate import evaluate
+from latentmoe.train.metrics import MetricsWriter, NullMetrics, clean_record, plot_expert_load, plot_loss, read_metrics
 from latentmoe.train.optim import build_optimizer, lr_at
+from latentmoe.train.run_dir import DEMO_KIND, RunDirectoryError, RunPlan, claim_run_file, plan_run
+from latentmoe.train.strategy import LossStats, SingleProcess, Strategy
 from latentmoe.train.trainer import (
-    TrainConfig,
     Trainer,
     TrainingError,
     TrainingInterrupted,
     TrainResult,
-    evaluate,
     train,
+    weights_finite,
 )
 
 __all__ = [
-    "CheckpointError",
+    "DEMO_KIND",
+    "LossStats",
     "MetricsWriter",
+    "NullMetrics",
+    "RunDirectoryError",
+    "RunPlan",
+    "SingleProcess",
+    "Strategy",
     "TrainConfig",
     "TrainResult",
     "Trainer",
     "TrainingError",
     "TrainingInterrupted",
     "build_optimizer",
+    "claim_run_file",
+    "clean_record",
     "evaluate",
-    "latest_checkpoint",
-    "list_checkpoints",
-    "load_checkpoint",
-    "load_model",
     "lr_at",
+    "plan_run",
     "plot_expert_load",
     "plot_loss",
     "read_metrics",
-    "save_checkpoint",
     "train",
+    "weights_finite",
 ]

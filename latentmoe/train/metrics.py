@@ -24,18 +24,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from latentmoe.device import HOST
+from latentmoe.io import save_figure, write_text_atomic
+
 METRICS_FILE = "metrics.jsonl"
-FILE_MODE = 0o644
 
 
-def _clean(value: Any) -> Any:
+def clean_record(value: Any) -> Any:
     """Make a value strict-JSON: tensors to numbers/lists, NaN/inf to None."""
     if torch.is_tensor(value):
         value = value.item() if value.numel() == 1 else value.tolist()
@@ -44,9 +45,9 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
+        return [clean_record(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): clean_record(v) for k, v in value.items()}
     if isinstance(value, Path):
         return str(value)
     return value
@@ -67,12 +68,12 @@ class MetricsWriter:
         if resume_step is not None:
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
         text = "".join(json.dumps(r) + "\n" for r in kept)
-        _write_atomic(self.path, text.encode())
+        write_text_atomic(self.path, text)
         self._file = open(self.path, "a")  # noqa: SIM115 - kept open for the run, closed in close()
 
     def write(self, record: dict[str, Any]) -> dict[str, Any]:
         """Append ``record`` (cleaned to strict JSON) and flush; return the cleaned record."""
-        clean = _clean(record)
+        clean = clean_record(record)
         self._file.write(json.dumps(clean, allow_nan=False) + "\n")
         self._file.flush()
         return clean
@@ -86,6 +87,16 @@ class MetricsWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class NullMetrics:
+    """The metrics writer of ranks other than 0: records are computed (they involve collectives) but not written."""
+
+    def write(self, record: dict[str, Any]) -> dict[str, Any]:
+        return clean_record(record)
+
+    def close(self) -> None:
+        pass
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -122,24 +133,6 @@ def expert_load_max_over_mean(load_LE: torch.Tensor | np.ndarray) -> list[float]
 # ---------------------------------------------------------------------------------------------- plots
 
 
-def _save_figure(fig: Any, png_path: str | os.PathLike) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
-        os.chmod(tmp, FILE_MODE)  # mkstemp makes it private (0600)
-        os.replace(tmp, png_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return png_path
-
-
 def plot_loss(metrics_path: str | os.PathLike, png_path: str | os.PathLike, *, title: str | None = None) -> Path:
     """Train loss (line) and validation loss (markers) against step, from a metrics.jsonl."""
     from matplotlib.figure import Figure
@@ -161,7 +154,7 @@ def plot_loss(metrics_path: str | os.PathLike, png_path: str | os.PathLike, *, t
     ax.grid(True, alpha=0.3)
     if train or val:
         ax.legend()
-    return _save_figure(fig, png_path)
+    return save_figure(fig, png_path)
 
 
 def plot_expert_load(
@@ -205,22 +198,10 @@ def plot_expert_load(
     ratios = expert_load_max_over_mean(load)
     subtitle = f"max/mean per layer: {', '.join(f'{r:.2f}' for r in ratios)}" if ratios else ""
     ax.set_title((title or "Expert load") + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
-    return _save_figure(fig, png_path)
+    return save_figure(fig, png_path)
 
 
 def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
     if torch.is_tensor(x):
-        return x.detach().to("cpu", torch.float64).numpy()
+        return x.detach().to(HOST, torch.float64).numpy()
     return np.asarray(x, dtype=np.float64)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -21,16 +21,25 @@ and step counts, torch's CPU RNG state, the skipped-step counters). So 20 steps 
 10 steps + checkpoint + resume + 10 steps give bit-identical fp32 weights on CPU. Anything added to
 the loop must keep that property: derive it from the step, or save it.
 
-**Ctrl-C.** While :func:`train` runs in the main thread, the first SIGINT only sets a flag; the
-current step finishes, a checkpoint is written, and :class:`TrainingInterrupted` (a
-``KeyboardInterrupt`` carrying the checkpoint path) is raised. A second Ctrl-C interrupts at once.
-A ``KeyboardInterrupt`` raised any other way also saves the last completed step, unless it arrived
-in the middle of the parameter update, where no consistent state exists to save.
+**Signals.** While :func:`train` runs in the main thread, the first SIGINT (Ctrl-C) or SIGTERM (what
+schedulers, ``timeout``, preemption and torchrun send) only sets a flag; the current step finishes, a
+checkpoint is written, and :class:`TrainingInterrupted` (a ``KeyboardInterrupt`` carrying the checkpoint
+path and the signal) is raised; the CLI exits with 130 / 143. Under several processes the flag rides on the
+step's loss all-reduce, so every rank stops after the same step. A second signal acts at once (default
+handler). A ``KeyboardInterrupt`` raised any other way also saves the last completed step, unless it arrived
+in the middle of the parameter update, where no consistent state exists to save. Periodic checkpoints are
+on by default (``save_every``).
 
 **Non-finite losses** (fp overflow, a bad batch) skip the step: no weight, optimizer or bias change;
 the step index still advances so the next batch is a different one. More than
-``max_consecutive_nonfinite`` in a row means training has diverged and raises
-:class:`TrainingError`.
+``max_consecutive_nonfinite`` in a row means training has diverged and raises :class:`TrainingError`.
+**Non-finite weights** after an update stop the run at once with :class:`TrainingError`, before anything
+is saved: the newest checkpoint stays the last good one.
+
+**One loop, any layout.** Everything that differs between one process and many is a method of the
+:class:`~latentmoe.train.strategy.Strategy` the trainer is given (default :class:`SingleProcess`); the loop has
+no branch on it. What the run directory holds and what is resumed is decided by
+:func:`~latentmoe.train.run_dir.plan_run` before anything is written.
 
 Library code here never prints: progress goes to a tqdm bar when ``progress=True`` and every
 metrics record to the ``on_log`` callback.
@@ -40,7 +49,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import dataclasses
+import logging
 import math
 import signal
 import statistics
@@ -49,136 +58,66 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from latentmoe.config import ConfigError, ModelConfig
-from latentmoe.model.mtp import causal_lm_loss, next_token_loss
-from latentmoe.train.checkpoint import (
-    checkpoint_step,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from latentmoe.checkpoint import RUN_KIND, checkpoint_step, latest_checkpoint, load_config
+from latentmoe.config import ModelConfig
+from latentmoe.device import is_cuda
+from latentmoe.model.mtp import causal_lm_loss
+from latentmoe.train.config import TrainConfig
+from latentmoe.train.evaluate import autocast, evaluate
 from latentmoe.train.metrics import (
     METRICS_FILE,
     MetricsWriter,
+    NullMetrics,
     expert_load_max_over_mean,
     plot_expert_load,
     plot_loss,
 )
-from latentmoe.train.optim import MOMENT_DTYPES, build_optimizer, lr_at
+from latentmoe.train.optim import build_optimizer, lr_at
+from latentmoe.train.run_dir import RunPlan, claim_run_file, plan_run
+from latentmoe.train.strategy import SingleProcess, Strategy
 
-if TYPE_CHECKING:
-    from latentmoe.parallel.training import DistributedTraining
+log = logging.getLogger("latentmoe")
 
-PRECISIONS = ("fp32", "bf16", "fp8")
 LOSS_PLOT = "loss.png"
 EXPERT_LOAD_PLOT = "expert_load.png"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNAL_EXIT_BASE = 128  # shells report death by signal N as 128 + N
 
 BatchFn = Callable[[int], torch.Tensor]
 ValFn = Callable[[], "float | Iterable[torch.Tensor]"]
 
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainingError", "TrainingInterrupted", "evaluate", "train"]
+
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (diverged, or the output directory/checkpoint does not fit the run)."""
+    """Training cannot go on (diverged, non-finite weights, or the checkpoint does not fit the run)."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training. ``checkpoint`` is where the run was saved (None if nothing could be)."""
+    """SIGINT / SIGTERM during training. ``checkpoint`` is where the run was saved (None if nothing could be);
+    ``exit_status`` is what a shell reports for that signal (130, 143)."""
 
-    def __init__(self, checkpoint: Path | None, step: int) -> None:
+    def __init__(self, checkpoint: Path | None, step: int, signum: int = signal.SIGINT) -> None:
         where = f"saved {checkpoint}" if checkpoint is not None else "no consistent state to save"
         super().__init__(f"training interrupted at step {step}; {where}")
         self.checkpoint = checkpoint
         self.step = step
+        self.signum = int(signum)
 
-
-@dataclass
-class TrainConfig:
-    """Settings of one training run (the model's own shape lives in ModelConfig).
-
-    ``steps`` is the total number of optimizer steps (a resumed run stops at the same total).
-    ``eval_every``/``save_every`` of 0 mean "only at the end". ``eval_batches`` caps how many
-    validation batches are consumed. ``precision="bf16"`` runs forward and loss under
-    ``torch.autocast(bfloat16)`` with fp32 weights and optimizer state. ``precision="fp8"`` does the
-    same after converting the model's Linear layers and routed experts to FP8 GEMMs with fine-grained
-    scaling (``latentmoe.fp8.convert_to_fp8``; parameters stay fp32). ``adam_moments="bf16"`` stores
-    AdamW's moments in bf16 (TR §3.3.3).
-    """
-
-    out_dir: str | Path = "runs/train"
-    preset: str = "small"
-    steps: int = 1000
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    mtp_lambda: float = 0.3
-    bias_gamma: float = 1e-3
-    balance_alpha: float = 1e-4
-    precision: str = "fp32"
-    adam_moments: str = "fp32"
-    seed: int = 0
-    eval_every: int = 200
-    eval_batches: int = 8
-    log_every: int = 10
-    save_every: int = 0
-    keep_last: int | None = 3
-    max_consecutive_nonfinite: int = 10
-
-    def validate(self) -> TrainConfig:
-        """Raise :class:`ConfigError` naming the first bad field; return self."""
-        for name in ("steps", "batch_size", "log_every", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise ConfigError(f"seq_len must be >= 2 (a token and its successor), got {self.seq_len}")
-        for name in (
-            "warmup_steps",
-            "eval_every",
-            "save_every",
-            "max_consecutive_nonfinite",
-            "weight_decay",
-            "mtp_lambda",
-            "bias_gamma",
-            "balance_alpha",
-            "min_lr",
-        ):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.min_lr > self.lr:
-            raise ConfigError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        if not self.grad_clip > 0:
-            raise ConfigError(f"grad_clip must be > 0, got {self.grad_clip}")
-        if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
-            raise ConfigError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.adam_moments not in MOMENT_DTYPES:
-            raise ConfigError(f"adam_moments must be one of {', '.join(MOMENT_DTYPES)}, got {self.adam_moments!r}")
-        if self.keep_last is not None and self.keep_last < 1:
-            raise ConfigError(f"keep_last must be >= 1 or None, got {self.keep_last}")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["out_dir"] = str(self.out_dir)
-        data["betas"] = list(self.betas)
-        return data
+    @property
+    def exit_status(self) -> int:
+        return SIGNAL_EXIT_BASE + self.signum
 
 
 @dataclass
 class TrainResult:
-    """What a finished run reports. Losses are nats/token; ``final_loss`` is the last logged window's mean."""
+    """What a finished run reports. Losses are nats/token; ``final_loss`` is the mean of the last logged window
+    with a finite step, logged at ``final_loss_step``."""
 
     final_step: int
     final_loss: float | None
@@ -191,6 +130,8 @@ class TrainResult:
     loss_plot: Path
     expert_load_plot: Path | None
     resumed_from: Path | None = None
+    final_loss_step: int | None = None
+    tokens_seen: int = 0
 
 
 @dataclass
@@ -228,43 +169,11 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    batches: Iterable[torch.Tensor],
-    *,
-    max_batches: int | None = None,
-    precision: str = "fp32",
-) -> float:
-    """Mean main-head next-token loss (nats/token) over ``batches`` of ``[B, S]`` ids, in eval mode.
-
-    The MTP heads are not run: validation measures the model that generates. The model's previous
-    train/eval mode is restored afterwards.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    try:
-        for i, ids in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            ids = ids.to(device)
-            with _autocast(device, precision):
-                logits = model(ids, compute_mtp=False).logits
-            total += float(next_token_loss(logits, ids))
-            count += 1
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("evaluate() got no validation batches")
-    return total / count
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision in ("bf16", "fp8"):  # fp8: the converted GEMMs run in FP8, everything else under bf16 autocast
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def weights_finite(model: nn.Module) -> bool:
+    """Whether every parameter and buffer is finite (one float64 sum per tensor: NaN and inf propagate)."""
+    sums = [t.detach().sum(dtype=torch.float64) for t in (*model.parameters(), *model.buffers())
+            if t.is_floating_point()]
+    return bool(torch.stack(sums).isfinite().all()) if sums else True
 
 
 def moe_layer_labels(model: nn.Module) -> list[str]:
@@ -280,9 +189,11 @@ def moe_layer_labels(model: nn.Module) -> list[str]:
 class Trainer:
     """Owns the model, optimizer and counters of one run; :meth:`run` trains to ``cfg.steps``.
 
-    ``batch_fn(step)`` must return the ``[batch, seq]`` LongTensor for that step and depend only on
-    the step (and a seed fixed for the run) — that is what makes resume exact. ``val_fn()`` returns
-    either the validation loss itself or an iterable of ``[batch, seq]`` validation batches.
+    ``batch_fn(step)`` must return the ``[batch, seq]`` LongTensor for that step (the *global* batch) and depend
+    only on the step (and a seed fixed for the run) — that is what makes resume exact. ``val_fn()`` returns
+    either the validation loss itself or an iterable of ``[batch, seq]`` validation batches. ``strategy`` lays the
+    run over processes (default: one). The model must already be on its device; batches follow it.
+    ``kind`` is what the run directory's marker says ("run"; the demo uses "demo").
     """
 
     def __init__(
@@ -294,21 +205,21 @@ class Trainer:
         val_fn: ValFn | None = None,
         progress: bool = False,
         on_log: Callable[[dict[str, Any]], None] | None = None,
-        handle_sigint: bool = True,
-        distributed: DistributedTraining | None = None,
+        handle_signals: bool = True,
+        strategy: Strategy | None = None,
+        kind: str = RUN_KIND,
     ) -> None:
-        self.cfg = cfg.validate()
-        # Expert/data-parallel runs (latentmoe.parallel.training): batch sharding, gradient reduction,
-        # global grad norm, rank-0-only metrics and sharded checkpoints. None: one process.
-        self.distributed = distributed
-        self.is_main = distributed is None or distributed.is_main
+        self.cfg = cfg.validate().check_model(model.config)
+        self.strategy: Strategy = strategy or SingleProcess()
+        self.is_main = self.strategy.is_main
         self.model = model
         self.model_config: ModelConfig = model.config
         self.batch_fn = batch_fn
         self.val_fn = val_fn
         self.progress = progress
         self.on_log = on_log
-        self.handle_sigint = handle_sigint
+        self.handle_signals = handle_signals
+        self.kind = kind
         self.out_dir = Path(cfg.out_dir)
         self.device = next(model.parameters()).device
         if cfg.precision == "fp8":
@@ -325,16 +236,17 @@ class Trainer:
         self.tokens_seen = 0
         self.tokens_per_s_history: list[float] = []
         self.last_loss: float | None = None
+        self.last_loss_step: int | None = None
         self.last_val_loss: float | None = None
         self.last_expert_load: torch.Tensor | None = None
-        self._stop_requested = False
+        self._stop_signal: int | None = None
         self._stop_agreed = False
         self._in_update = False
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """JSON trainer state stored in ``trainer_state.json`` (the step is added by the checkpoint)."""
-        return {
+        state = {
             "seed": self.cfg.seed,
             "data": {"seed": self.cfg.seed, "next_step": self.step},
             "skipped_steps": self.skipped_steps,
@@ -342,6 +254,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "tokens_per_s_history": self.tokens_per_s_history,
             "last_loss": self.last_loss,
+            "last_loss_step": self.last_loss_step,
             "last_val_loss": self.last_val_loss,
             "last_expert_load": (
                 None if self.last_expert_load is None else self.last_expert_load.double().round(decimals=4).tolist()
@@ -349,6 +262,9 @@ class Trainer:
             "torch_rng_state": _encode_rng(torch.get_rng_state()),
             "train_config": self.cfg.to_dict(),
         }
+        if is_cuda(self.device):
+            state["cuda_rng_state"] = _encode_rng(torch.cuda.get_rng_state(self.device))
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
@@ -357,85 +273,78 @@ class Trainer:
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.tokens_per_s_history = [float(x) for x in state.get("tokens_per_s_history", [])]
         self.last_loss = state.get("last_loss")
+        self.last_loss_step = state.get("last_loss_step")
         self.last_val_loss = state.get("last_val_loss")
         load = state.get("last_expert_load")
         self.last_expert_load = None if load is None else torch.tensor(load, dtype=torch.float32)
         torch.set_rng_state(_decode_rng(state["torch_rng_state"]))
+        if is_cuda(self.device) and "cuda_rng_state" in state:
+            torch.cuda.set_rng_state(_decode_rng(state["cuda_rng_state"]), self.device)
 
     def save(self) -> Path:
-        if self.distributed is not None:
-            return self.distributed.save_checkpoint(self)
-        return save_checkpoint(
-            self.out_dir,
-            self.step,
-            self.model,
-            self.optimizer,
-            self.state_dict(),
-            self.model_config,
-            keep_last=self.cfg.keep_last,
+        """Checkpoint the current step (every rank takes part). Non-finite weights are never saved."""
+        if not self.strategy.all_finite(weights_finite(self.model)):
+            raise TrainingError(
+                f"the weights are not finite at step {self.step}; not saved (the newest checkpoint, "
+                f"{latest_checkpoint(self.out_dir)}, is the last good one)"
+            )
+        return self.strategy.save_checkpoint(
+            self.out_dir, self.step, self.model, self.optimizer, self.state_dict(), self.model_config,
+            keep_last=self.cfg.keep_last, owner_kind=self.kind,
         )
 
     # ------------------------------------------------------------------ one step
     def train_step(self, step: int) -> dict[str, Any] | None:
         """Run optimizer step ``step`` (0-based). Returns its losses, or None when it was skipped."""
         cfg = self.cfg
-        lr = lr_at(step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
+        lr = lr_at(step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup, total_steps=cfg.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         ids = self.batch_fn(step).to(self.device)
         tokens = ids.numel()  # the global batch, whatever the world size
-        if self.distributed is not None:
-            ids = self.distributed.begin_step(self.model, ids)  # this rank's rows
+        self.strategy.begin_step(self.model)
+        ids = self.strategy.shard_batch(ids)  # this rank's rows
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with _autocast(self.device, cfg.precision):
+        with autocast(self.device, cfg.precision):
             out = self.model(ids)
             losses = causal_lm_loss(out, ids, mtp_lambda=cfg.mtp_lambda)
             loss = losses.total
             if cfg.balance_alpha and out.balance_loss is not None:
                 loss = loss + cfg.balance_alpha * out.balance_loss
-        stats = None
-        if self.distributed is not None:  # global means; every rank then takes the same branch below
-            stats, self._stop_agreed = self.distributed.mean_losses(
-                loss, losses.main, losses.mtp, out.balance_loss, stop=self._stop_requested
-            )
-        if not (math.isfinite(stats["total"]) if stats is not None else torch.isfinite(loss.detach())):
+        # Global means; the stop flag rides along, so every rank takes the same branch below.
+        stats, self._stop_agreed = self.strategy.reduce_losses(
+            loss, losses.main, losses.mtp, out.balance_loss, stop=self._stop_signal is not None
+        )
+        if not stats.finite:
             return None
         loss.backward()
-        if self.distributed is not None:
-            grad_norm = self.distributed.reduce_and_clip(self.model, cfg.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        grad_norm = self.strategy.reduce_and_clip(self.model, cfg.grad_clip)
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self._in_update = True
         self.optimizer.step()
+        if not self.strategy.all_finite(weights_finite(self.model)):
+            raise TrainingError(
+                f"the weights became non-finite in step {step} (lr {lr:g}); stopped without saving — the newest "
+                f"checkpoint, {latest_checkpoint(self.out_dir)}, is the last good one"
+            )
         # The router bias is a buffer, not a parameter: it moves by ±γ outside autograd, after the
-        # weights, using this step's load, and only changes which experts are selected.
-        load = out.expert_load if self.distributed is None else self.distributed.sum(out.expert_load)
+        # weights, using this step's (global) load, and only changes which experts are selected.
+        load = self.strategy.sum(out.expert_load)
         self.model.update_router_biases(load, cfg.bias_gamma)
         self._in_update = False
         self.optimizer.zero_grad(set_to_none=True)
-        if stats is not None:
-            self.distributed.end_step(self.model)
-            return {
-                "lr": lr,
-                "main": stats["main"],
-                "mtp": stats["mtp"],
-                "balance": stats["balance"],
-                "grad_norm": grad_norm.item(),
-                "load": load.float().cpu(),
-                "tokens": tokens,
-            }
+        self.strategy.end_step(self.model)
         return {
             "lr": lr,
-            "main": losses.main.item(),
-            "mtp": [x.item() for x in losses.mtp],
-            "balance": out.balance_loss.item() if out.balance_loss is not None else 0.0,
+            "main": stats.main,
+            "mtp": stats.mtp,
+            "balance": stats.balance,
             "grad_norm": grad_norm.item(),
-            "load": out.expert_load.detach().float().cpu(),
-            "tokens": ids.numel(),
+            "load": load.detach().float().cpu(),
+            "tokens": tokens,
         }
 
     def validation_loss(self) -> float | None:
@@ -444,27 +353,23 @@ class Trainer:
         result = self.val_fn()
         if isinstance(result, int | float):
             return float(result)
-        if self.distributed is not None:
-            return self.distributed.evaluate(
-                self.model, result, max_batches=self.cfg.eval_batches, precision=self.cfg.precision
-            )
-        return evaluate(self.model, result, max_batches=self.cfg.eval_batches, precision=self.cfg.precision)
+        return self.strategy.evaluate(self.model, result, max_batches=self.cfg.eval_batches,
+                                      precision=self.cfg.precision)
 
     # ------------------------------------------------------------------ the loop
-    def run(self, *, resume: bool = False) -> TrainResult:
-        """Train from scratch (or from the newest checkpoint in ``out_dir`` when ``resume``) to ``cfg.steps``."""
+    def plan(self, *, resume: bool | str = False, overwrite: bool = False) -> RunPlan:
+        """Decide what this run does with its directory (rank 0 decides, every rank learns the answer)."""
+        plan = plan_run(self.out_dir, resume=resume, overwrite=overwrite, kind=self.kind) if self.is_main else None
+        return self.strategy.broadcast_object(plan)
+
+    def run(self, *, resume: bool | str = False, overwrite: bool = False, plan: RunPlan | None = None) -> TrainResult:
+        """Train from scratch, or from the newest valid checkpoint in ``out_dir`` (``resume``: False/"no",
+        True/"required", "auto"; see :mod:`latentmoe.train.run_dir`), to ``cfg.steps``."""
         cfg = self.cfg
-        resumed_from = latest_checkpoint(self.out_dir)
-        if resumed_from is not None and not resume:
-            raise TrainingError(
-                f"{self.out_dir} already holds checkpoints (newest {resumed_from.name}); "
-                "resume from it or choose an empty output directory"
-            )
+        plan = plan or self.plan(resume=resume, overwrite=overwrite)
+        resumed_from = plan.checkpoint
         if resumed_from is not None:
-            if self.distributed is not None:
-                state = self.distributed.load_checkpoint(resumed_from, self.model, self.optimizer)
-            else:
-                state = load_checkpoint(resumed_from, self.model, self.optimizer)
+            state = self.strategy.load_checkpoint(resumed_from, self.model, self.optimizer, check_hashes=False)
             if state.get("seed") != cfg.seed:
                 raise TrainingError(
                     f"{resumed_from} was trained with seed {state.get('seed')}, not {cfg.seed}; "
@@ -474,31 +379,28 @@ class Trainer:
         else:
             torch.manual_seed(cfg.seed)
         resume_step = self.step if resumed_from is not None else None
-        if self.distributed is not None:
-            metrics = self.distributed.metrics_writer(self.out_dir, resume_step=resume_step)
-        else:
-            metrics = MetricsWriter(self.out_dir, resume_step=resume_step)
+        metrics = MetricsWriter(self.out_dir, resume_step=resume_step) if self.is_main else NullMetrics()
+        if self.is_main:
+            claim_run_file(self.out_dir, METRICS_FILE, kind=self.kind)
         checkpoint: Path | None = resumed_from
         try:
-            with self._sigint_deferred():
+            with self._signals_deferred():
                 checkpoint = self._loop(metrics) or checkpoint
         finally:
             metrics.close()
         if checkpoint is None or checkpoint_step(checkpoint) != self.step:
             checkpoint = self.save()
         loss_png = self.out_dir / LOSS_PLOT
+        load_png = self.out_dir / EXPERT_LOAD_PLOT if self.last_expert_load is not None else None
         if self.is_main:
             plot_loss(self.out_dir / METRICS_FILE, loss_png)
-        load_png = None
-        if self.last_expert_load is not None and not self.is_main:
-            load_png = self.out_dir / EXPERT_LOAD_PLOT
-        elif self.last_expert_load is not None:
-            load_png = plot_expert_load(
-                self.last_expert_load,
-                self.out_dir / EXPERT_LOAD_PLOT,
-                title="Expert load, last logged window",
-                layer_labels=moe_layer_labels(self.model),
-            )
+            claim_run_file(self.out_dir, LOSS_PLOT, kind=self.kind)
+            if load_png is not None:
+                plot_expert_load(
+                    self.last_expert_load, load_png, title="Expert load, last logged window",
+                    layer_labels=moe_layer_labels(self.model),
+                )
+                claim_run_file(self.out_dir, EXPERT_LOAD_PLOT, kind=self.kind)
         return TrainResult(
             final_step=self.step,
             final_loss=self.last_loss,
@@ -511,9 +413,11 @@ class Trainer:
             loss_plot=loss_png,
             expert_load_plot=load_png,
             resumed_from=resumed_from,
+            final_loss_step=self.last_loss_step,
+            tokens_seen=self.tokens_seen,
         )
 
-    def _loop(self, metrics: MetricsWriter) -> Path | None:
+    def _loop(self, metrics: MetricsWriter | NullMetrics) -> Path | None:
         """Steps ``self.step .. cfg.steps-1``; returns the last checkpoint written, if any."""
         from tqdm.auto import tqdm
 
@@ -578,14 +482,16 @@ class Trainer:
                     window = _Window()
                 if cfg.save_every and done % cfg.save_every == 0 and not is_last:
                     checkpoint = self.save()
-                # Distributed: a Ctrl-C counts once every rank knows of it (it rides on the loss all-reduce).
-                stop = self._stop_requested if self.distributed is None else self._stop_agreed
-                if stop and not is_last:
+                # A signal counts once every rank knows of it (it rides on the loss all-reduce).
+                if self._stop_agreed and not is_last:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
+            signum = self._stop_signal if self._stop_signal is not None else signal.SIGINT
             if self._in_update:
-                raise TrainingInterrupted(latest_checkpoint(self.out_dir), self.step) from None
-            raise TrainingInterrupted(self.save(), self.step) from None
+                raise TrainingInterrupted(latest_checkpoint(self.out_dir), self.step, signum) from None
+            if checkpoint is not None and checkpoint_step(checkpoint) == self.step:
+                raise TrainingInterrupted(checkpoint, self.step, signum) from None
+            raise TrainingInterrupted(self.save(), self.step, signum) from None
         finally:
             bar.close()
         return checkpoint
@@ -596,12 +502,13 @@ class Trainer:
         mtp_per_depth = [x / n for x in window.mtp] if n else []
         ratios = expert_load_max_over_mean(window.load) if window.load is not None else []
         tokens_per_s = window.tokens / window.seconds if window.seconds > 0 and window.tokens else None
-        if loss is not None:
-            self.last_loss = _finite(loss)
+        if loss is not None and math.isfinite(loss):
+            self.last_loss, self.last_loss_step = loss, self.step
         if window.load is not None:
             self.last_expert_load = window.load / n
         if tokens_per_s is not None:
             self.tokens_per_s_history.append(tokens_per_s)
+        cfg = self.cfg
         record: dict[str, Any] = {
             "step": self.step,
             "loss": loss,
@@ -609,14 +516,8 @@ class Trainer:
             "mtp_losses": mtp_per_depth,
             "balance_loss": window.balance / n if n else None,
             "grad_norm": window.grad_norm / n if n else None,
-            "lr": lr
-            if lr is not None
-            else lr_at(
-                self.step - 1,
-                max_lr=self.cfg.lr,
-                min_lr=self.cfg.min_lr,
-                warmup_steps=self.cfg.warmup_steps,
-                total_steps=self.cfg.steps,
+            "lr": lr if lr is not None else lr_at(
+                self.step - 1, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup, total_steps=cfg.steps
             ),
             "tokens_per_s": tokens_per_s,
             "tokens_seen": self.tokens_seen,
@@ -626,27 +527,29 @@ class Trainer:
         }
         if val_loss is not None:
             record["val_loss"] = val_loss
-        if self.distributed is not None:
-            record.update(self.distributed.window_metrics(window.steps))  # a2a_* traffic (collective)
+        record.update(self.strategy.window_metrics(window.steps))  # e.g. a2a_* traffic (collective)
         return record
 
     @contextlib.contextmanager
-    def _sigint_deferred(self) -> Iterator[None]:
-        """Turn the first Ctrl-C into "stop after this step"; a second one interrupts immediately."""
-        if not self.handle_sigint or threading.current_thread() is not threading.main_thread():
+    def _signals_deferred(self) -> Iterator[None]:
+        """Turn the first SIGINT or SIGTERM into "stop after this step"; a second one acts at once."""
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.getsignal(signal.SIGINT)
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
 
         def request_stop(signum: int, frame: object) -> None:
-            self._stop_requested = True
-            signal.signal(signal.SIGINT, previous)
+            self._stop_signal = signum
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
-        signal.signal(signal.SIGINT, request_stop)
+        for s in STOP_SIGNALS:
+            signal.signal(s, request_stop)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 def train(
@@ -655,25 +558,31 @@ def train(
     batch_fn: BatchFn,
     model: nn.Module | None = None,
     val_fn: ValFn | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
+    overwrite: bool = False,
     progress: bool = False,
     on_log: Callable[[dict[str, Any]], None] | None = None,
-    handle_sigint: bool = True,
-    distributed: DistributedTraining | None = None,
+    handle_signals: bool = True,
+    strategy: Strategy | None = None,
+    kind: str = RUN_KIND,
 ) -> TrainResult:
     """Train to ``cfg.steps`` and return a :class:`TrainResult`; see the module docstring for one step.
 
-    Without ``model``, a ``CausalLM`` is built from ``cfg.preset`` after ``torch.manual_seed(cfg.seed)``
-    — or, when resuming, from the newest checkpoint's ``config.json``. Writes ``metrics.jsonl``,
-    ``checkpoint-STEP/`` (every ``save_every`` steps and at the end), ``loss.png`` and
-    ``expert_load.png`` under ``cfg.out_dir``. Raises :class:`TrainingInterrupted` on Ctrl-C (after
-    saving) and :class:`TrainingError` when training diverges or ``out_dir`` holds another run.
+    Without ``model``, a ``CausalLM`` is built from ``cfg.preset`` after ``torch.manual_seed(cfg.seed)`` — or,
+    when resuming, from the checkpoint's ``config.json``. Writes ``metrics.jsonl``, ``checkpoint-STEP/`` (every
+    ``save_every`` steps and at the end), ``loss.png`` and ``expert_load.png`` under ``cfg.out_dir``. Raises
+    :class:`TrainingInterrupted` on SIGINT/SIGTERM (after saving), :class:`TrainingError` when training diverges,
+    and :class:`~latentmoe.train.run_dir.RunDirectoryError` when ``out_dir`` cannot be used as asked.
     """
+    strategy = strategy or SingleProcess()
+    plan = None
     if model is None:
         from latentmoe import CausalLM
 
-        latest = latest_checkpoint(cfg.out_dir) if resume else None
-        config = ModelConfig.from_json(latest) if latest is not None else ModelConfig.from_preset(cfg.preset)
+        plan = strategy.broadcast_object(
+            plan_run(cfg.out_dir, resume=resume, overwrite=overwrite, kind=kind) if strategy.is_main else None
+        )
+        config = load_config(plan.checkpoint) if plan.checkpoint is not None else ModelConfig.from_preset(cfg.preset)
         torch.manual_seed(cfg.seed)
         model = CausalLM(config)
     trainer = Trainer(
@@ -683,7 +592,8 @@ def train(
         val_fn=val_fn,
         progress=progress,
         on_log=on_log,
-        handle_sigint=handle_sigint,
-        distributed=distributed,
+        handle_signals=handle_signals,
+        strategy=strategy,
+        kind=kind,
     )
-    return trainer.run(resume=resume)
+    return trainer.run(resume=resume, overwrite=overwrite, plan=plan)

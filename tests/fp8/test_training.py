@@ -3,9 +3,10 @@
 import torch
 
 from latentmoe import CausalLM, ModelConfig
-from latentmoe.cli import build_parser, train_config_from_args
+from latentmoe.checkpoint import load_checkpoint, load_model
+from latentmoe.cli import build_parser
+from latentmoe.cli.train import train_config_from_args
 from latentmoe.fp8 import FP8Linear, fp8_modules
-from latentmoe.train.checkpoint import load_checkpoint, load_model
 from latentmoe.train.metrics import read_metrics
 from latentmoe.train.optim import AdamWLowPrecisionMoments, build_optimizer
 from latentmoe.train.trainer import TrainConfig, train
@@ -49,7 +50,7 @@ def run(tmp_path, **kw):
         TrainConfig(**{**base, **kw}),
         model=model,
         batch_fn=pattern_batches(model.config.vocab_size),
-        handle_sigint=False,
+        handle_signals=False,
     )
     return model, result
 
@@ -85,7 +86,7 @@ def test_bf16_adam_moments_in_an_fp8_run_are_stored_in_bf16_and_resume_exactly(t
         keep_last=None,
     )
     result = train(
-        cfg, model=resumed, batch_fn=pattern_batches(resumed.config.vocab_size), resume=True, handle_sigint=False
+        cfg, model=resumed, batch_fn=pattern_batches(resumed.config.vocab_size), resume=True, handle_signals=False
     )
     for (name, p), q in zip(straight.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q), name
@@ -118,5 +119,5 @@ def test_low_precision_adamw_with_fp32_moments_is_torch_adamw_bit_for_bit():
 
 def test_cli_accepts_fp8_precision_and_bf16_moments():
     args = build_parser().parse_args(["train", "--out", "x", "--precision", "fp8", "--adam-moments", "bf16"])
-    cfg = train_config_from_args(args, "x")
+    cfg = train_config_from_args(args, preset=args.preset)
     assert cfg.precision == "fp8" and cfg.adam_moments == "bf16"

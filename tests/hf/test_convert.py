@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
+from latentmoe.checkpoint import load_model, save_checkpoint
 from latentmoe.cli import main
 from latentmoe.data.tokenizer import train_tokenizer
 from latentmoe.hf import inspect_checkpoint, load_pretrained
-from latentmoe.train.checkpoint import load_model, save_checkpoint
 from tests.hf.helpers import hf_v3, ours, quantize_checkpoint
 from tests.hf.test_fp8 import ALIGNED
 

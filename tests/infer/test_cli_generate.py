@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from latentmoe import CausalLM, ModelConfig
+from latentmoe.checkpoint import save_checkpoint
 from latentmoe.cli import main
 from latentmoe.data.tokenizer import train_tokenizer
-from latentmoe.train.checkpoint import save_checkpoint
 
 TEXT = "ROMEO: But soft, what light through yonder window breaks?\nJULIET: O Romeo, Romeo!\n" * 20
 
@@ -45,7 +45,7 @@ def test_generate_batch_file_prints_one_block_per_prompt(run_dir, tmp_path, caps
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--prompt", "a", "--max-tokens", "0"], "max_tokens"),
+        (["--prompt", "a", "--max-tokens", "0"], "--max-tokens: must be an integer in [1,"),
         (["--prompt", "a", "--max-tokens", "600"], "max_position_embeddings"),
         (["--prompt", "a", "--temperature", "-1"], "temperature"),
         (["--prompt", "", "--max-tokens", "3"], "prompt"),

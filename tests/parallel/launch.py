@@ -35,7 +35,7 @@ def loopback_env() -> dict[str, str]:
 def _worker(rank: int, fn, world_size: int, port: int, timeout_s: float, args: tuple) -> None:
     os.environ.update(loopback_env())
     torch.set_num_threads(1)
-    from latentmoe.parallel.topology import init_distributed
+    from latentmoe.parallel.runtime import init_distributed
 
     init_distributed(
         init_method=f"tcp://{LOOPBACK}:{port}",

@@ -2,7 +2,7 @@
 
 usage: torchrun --standalone --nproc-per-node 2 --max-restarts 1 tests/parallel/restart_worker.py OUT_DIR
 
-Every attempt resumes from the newest checkpoint in OUT_DIR (``resume=True`` on an empty directory starts
+Every attempt resumes from the newest checkpoint in OUT_DIR (``resume="auto"``: an empty directory starts
 fresh), so the restarted job continues from step 2 and finishes at step 4. Rank 1 drops a marker file just
 before it kills itself, so the test can tell that the failure really happened.
 """
@@ -21,27 +21,27 @@ KILLED_MARKER = "rank1-killed"
 
 def main(out_dir: Path) -> None:
     from latentmoe import CausalLM
-    from latentmoe.parallel.training import ParallelConfig, attach, collective_errors, shutdown, start_parallel
+    from latentmoe.parallel.runtime import shutdown
+    from latentmoe.parallel.strategy import ParallelConfig, start_strategy
     from latentmoe.train.trainer import train
     from tests.parallel.test_training import batch_fn, config, train_cfg
 
     torch.set_num_threads(1)
     parallel = ParallelConfig(ep=2, gpus_per_node=1, timeout_s=30)
-    groups = start_parallel(parallel)
+    strategy = start_strategy(parallel)
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
 
     def dying_batch_fn(step: int) -> torch.Tensor:
-        if first_attempt and groups.topology.rank == 1 and step == KILL_AT_STEP:
-            (out_dir / KILLED_MARKER).write_text("killed\n")
+        if first_attempt and strategy.topology.rank == 1 and step == KILL_AT_STEP:
+            (out_dir.parent / KILLED_MARKER).write_text("killed\n")  # beside the run: nothing foreign in it
             os._exit(17)
         return batch_fn(step)
 
     torch.manual_seed(0)
-    model = CausalLM(config())
-    distributed = attach(model, groups, parallel)
-    with collective_errors(groups, parallel.timeout_s):
-        train(train_cfg(out_dir, save_every=2), batch_fn=dying_batch_fn, model=model, resume=True,
-              handle_sigint=False, distributed=distributed)
+    model = strategy.prepare_model(CausalLM(config()))
+    with strategy.errors():
+        train(train_cfg(out_dir, save_every=2), batch_fn=dying_batch_fn, model=model, resume="auto",
+              handle_signals=False, strategy=strategy)
     shutdown()
 
 

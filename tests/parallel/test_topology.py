@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from latentmoe.parallel import ExpertPlacement, Topology, TopologyError, backend_for, experts_per_rank, plan_dispatch
+from latentmoe.parallel import ExpertPlacement, Topology, TopologyError, experts_per_rank, plan_dispatch
 from latentmoe.parallel.ep import choose_slots
 from latentmoe.parallel.traffic import link_bytes, node_fanout
 
@@ -42,11 +42,6 @@ def test_experts_must_split_evenly_over_ep_ranks():
     assert experts_per_rank(16, 4) == 4
     with pytest.raises(TopologyError, match=r"n_routed_experts \(16\) is not divisible by the EP size \(3\)"):
         experts_per_rank(16, 3)
-
-
-def test_backend_follows_the_device():
-    assert backend_for(torch.device("cpu")) == "gloo"
-    assert backend_for(torch.device("cuda", 0)) == "nccl"
 
 
 def test_plan_sends_a_token_once_per_destination_rank_ordered_by_rank():

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from latentmoe import CausalLM, ModelConfig
-from latentmoe.train.checkpoint import load_checkpoint, load_model
+from latentmoe.checkpoint import load_checkpoint, load_model
 from latentmoe.train.trainer import TrainConfig, train
 from tests.parallel.launch import run_ranks
 
@@ -47,16 +47,15 @@ def train_cfg(out: Path, **kw) -> TrainConfig:
 
 
 def run_distributed(rank: int, world: int, out: Path, *, ep: int, resume: bool = False, **kw):
+    from latentmoe.parallel.strategy import ExpertParallelStrategy, ParallelConfig
     from latentmoe.parallel.topology import build_groups
-    from latentmoe.parallel.training import ParallelConfig, attach
 
     parallel = ParallelConfig(ep=ep, gpus_per_node=2)
-    groups = build_groups(parallel.topology(rank, world))
+    strategy = ExpertParallelStrategy(build_groups(parallel.topology(rank, world)), parallel)
     torch.manual_seed(0)
-    model = CausalLM(config())
-    distributed = attach(model, groups, parallel)
+    model = strategy.prepare_model(CausalLM(config()))
     result = train(train_cfg(out, **kw), batch_fn=batch_fn, model=model, val_fn=val_fn, resume=resume,
-                   handle_sigint=False, distributed=distributed)
+                   handle_signals=False, strategy=strategy)
     return model, result
 
 
@@ -83,7 +82,7 @@ def runs(tmp_path_factory):
     run_ranks(_layouts, 4, str(root), deadline_s=240)
     torch.manual_seed(0)
     single = train(train_cfg(root / "single"), batch_fn=batch_fn, model=CausalLM(config()), val_fn=val_fn,
-                   handle_sigint=False)
+                   handle_signals=False)
     return root, single
 
 

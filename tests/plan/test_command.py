@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from latentmoe.plan.command import add_plan_subcommand, main, run_network
+from latentmoe.cli.plan import add_plan_subcommand, main, run_network
 from tests.plan.helpers import tiny_llama_config
 
 
@@ -113,8 +113,10 @@ def test_plots_are_written(capsys, tmp_path):
     ("argv", "message"),
     [
         (["--model", "nope"], "unknown model preset 'nope'"),
-        (["decode-limit", "--gbps", "-5"], "--gbps must be > 0"),
-        (["--scale-out-gbps", "-400"], "--scale-out-gbps must be > 0"),
+        (["decode-limit", "--gbps", "-5"], "argument --gbps: must be in (0, "),
+        (["decode-limit", "--gbps", "nan"], "argument --gbps: must be in (0, "),
+        (["--scale-out-gbps", "-400"], "argument --scale-out-gbps: must be in (0, "),
+        (["--pp", "0"], "argument --pp: must be an integer in [1, "),
         (["--hardware", "tpu"], "unknown hardware preset 'tpu'"),
         (["--ep", "7"], "--ep 7 does not divide the 256 routed experts"),
         (["decode-limit", "--model", "qwen2.5-72b"], "is dense"),
@@ -125,7 +127,7 @@ def test_plots_are_written(capsys, tmp_path):
 def test_bad_input_is_a_one_line_error_with_status_2(capsys, argv, message):
     status, _, err = run(capsys, *argv)
     assert status == 2
-    assert err.startswith("error: ") and message in err
+    assert err.startswith(("error: ", "latentmoe plan")) and "error: " in err and message in err
     assert err.count("\n") == 1
 
 
@@ -151,7 +153,7 @@ def test_plan_registers_on_a_foreign_cli():
 def test_module_entry_point_runs_without_torch():
     code = (
         "import sys, runpy; sys.argv = ['latentmoe.plan', 'decode-limit', '--json']; "
-        "import latentmoe.plan.command; "
+        "import latentmoe.cli.plan; "
         "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules; "
         "runpy.run_module('latentmoe.plan', run_name='__main__')"
     )

@@ -64,7 +64,7 @@ def test_training_writes_metrics_lines_and_both_plots(tmp_path):
 
     assert result.loss_plot == tmp_path / "loss.png" and is_png(result.loss_plot)
     assert result.expert_load_plot == tmp_path / "expert_load.png" and is_png(result.expert_load_plot)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temp files left"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".latentmoe-tmp")], "no temp files left"
 
 
 def test_writer_keeps_records_up_to_the_resumed_step_and_writes_nan_as_null(tmp_path):

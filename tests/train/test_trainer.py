@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from latentmoe import CausalLM, ModelConfig
+from latentmoe.checkpoint import latest_checkpoint, load_checkpoint
 from latentmoe.config import ConfigError
 from latentmoe.train import trainer as trainer_mod
-from latentmoe.train.checkpoint import latest_checkpoint, load_checkpoint
 from latentmoe.train.metrics import read_metrics
+from latentmoe.train.run_dir import RunDirectoryError
 from latentmoe.train.trainer import (
     TrainConfig,
     Trainer,
@@ -256,7 +257,7 @@ def test_bf16_autocast_trains(tmp_path, config):
 
 def test_fresh_run_refuses_a_directory_holding_checkpoints_and_bad_settings_name_the_field(tmp_path, config):
     train(cfg_for(tmp_path, steps=2), model=make_model(config), batch_fn=random_batches(config))
-    with pytest.raises(TrainingError, match="already holds checkpoints"):
+    with pytest.raises(RunDirectoryError, match="already holds a run"):
         train(cfg_for(tmp_path, steps=2), model=make_model(config), batch_fn=random_batches(config))
     with pytest.raises(TrainingError, match="seed"):
         train(

@@ -1,4 +1,4 @@
-"""Distributed training glue: what the Trainer does differently on W ranks (its ``distributed`` hook).
+"""The expert + data parallel Strategy: what the Trainer does differently on W ranks (latentmoe.train.strategy).
 
 The same command line means the same training on 1 or W processes. ``--batch-size`` is the *global*
 batch (sequences per optimizer step); each rank takes its rows of the step's batch, a pure function of
@@ -16,14 +16,13 @@ batch (sequences per optimizer step); each rank takes its rows of the step's bat
 
 With fp32 payloads every step's loss equals the single-process run's within float rounding (test:
 1e-5 relative). Rank 0 alone writes metrics, plots and the non-expert part of checkpoints; each EP rank
-writes its own experts (``latentmoe.parallel.checkpoint``). Ctrl-C on any rank stops all ranks at the
-same step (the stop flag rides on the loss all-reduce).
+writes its own experts (``latentmoe.parallel.checkpoint``). SIGINT/SIGTERM on any rank stops all ranks at
+the same step (the stop flag rides on the loss all-reduce). This module uses only the public API of
+``latentmoe.train``; starting and stopping the processes is ``latentmoe.parallel.runtime``'s.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -34,51 +33,67 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from latentmoe.config import ConfigError
+from latentmoe.config import ConfigError, ModelConfig
+from latentmoe.io import write_json_atomic
+from latentmoe.model.moe import is_expert_parameter
+from latentmoe.parallel.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from latentmoe.parallel.ep import (
     enable_expert_parallel,
     exposed_comm_seconds,
-    is_expert_parameter,
     moe_layers,
     reset_traffic,
     total_traffic,
 )
-from latentmoe.parallel.topology import (
+from latentmoe.parallel.runtime import (
     DEFAULT_TIMEOUT_S,
-    ProcessGroups,
-    Topology,
-    TopologyError,
-    build_groups,
+    collective_errors,
+    comm_device,
     env_world,
-    experts_per_rank,
     init_distributed,
 )
+from latentmoe.parallel.topology import ProcessGroups, Topology, TopologyError, build_groups, experts_per_rank
 from latentmoe.parallel.traffic import TrafficCounters, summarize_over_ranks
+from latentmoe.train import LossStats, SingleProcess, Strategy, claim_run_file, evaluate
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s epsilon, so the clip factor matches the single process
+LAYOUT_FILE = "ep_layout.json"
 
 
-class _NullMetrics:
-    """Metrics writer of ranks other than 0: records are computed (they involve collectives) but not written."""
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How to lay a training run over processes (the CLI's ``--ep``, ``--gpus-per-node``, ``--ep-*``).
 
-    def write(self, record: dict[str, Any]) -> dict[str, Any]:
-        from latentmoe.train.metrics import _clean
-
-        return _clean(record)
-
-    def close(self) -> None:
-        pass
-
-
-class DistributedTraining:
-    """The ``Trainer(distributed=...)`` hook for an EP + DP run (see the module docstring).
-
-    groups: this rank's process groups (``build_groups``); the model passed to the trainer must already be
-    sharded with :func:`~latentmoe.parallel.ep.enable_expert_parallel` (or be unsharded with EP size 1).
+    ep: EP size (ranks sharing one copy of the experts; must divide the world size and n_routed_experts);
+    gpus_per_node: ranks per node (None: all ranks on one node); dispatch / combine: payload codecs;
+    overlap: dual micro-batch overlap in the MoE layers; timeout_s: collective timeout.
     """
 
-    def __init__(self, groups: ProcessGroups) -> None:
+    ep: int = 1
+    gpus_per_node: int | None = None
+    dispatch: str = "fp32"
+    combine: str = "fp32"
+    overlap: bool = False
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    def topology(self, rank: int, world_size: int) -> Topology:
+        return Topology(
+            world_size=world_size,
+            rank=rank,
+            gpus_per_node=self.gpus_per_node or world_size,
+            ep_size=self.ep,
+        )
+
+
+class ExpertParallelStrategy:
+    """The :class:`~latentmoe.train.strategy.Strategy` of an EP + DP run (see the module docstring).
+
+    groups: this rank's process groups (``build_groups``). :meth:`prepare_model` shards the model's experts over
+    the EP group in place (nothing to do with EP size 1: plain data parallelism).
+    """
+
+    def __init__(self, groups: ProcessGroups, parallel: ParallelConfig | None = None) -> None:
         self.groups = groups
+        self.parallel = parallel or ParallelConfig()
         self.topology = groups.topology
         self.world_size = self.topology.world_size
         self.is_main = self.topology.rank == 0
@@ -87,7 +102,17 @@ class DistributedTraining:
         # NCCL reduces only CUDA tensors; gloo takes CPU ones.
         self.device = comm_device()
 
-    # ------------------------------------------------------------------ data
+    # ------------------------------------------------------------------ model and data
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        if self.topology.ep_size > 1:
+            for moe in moe_layers(model):
+                experts_per_rank(moe.config.n_routed_experts, self.topology.ep_size)
+            enable_expert_parallel(
+                model, self.groups, dispatch=self.parallel.dispatch, combine=self.parallel.combine,
+                overlap=self.parallel.overlap,
+            )
+        return model
+
     def shard_batch(self, ids_BS: torch.Tensor) -> torch.Tensor:
         """This rank's rows of the global batch."""
         B = ids_BS.shape[0]
@@ -100,9 +125,8 @@ class DistributedTraining:
         r = self.topology.rank
         return ids_BS[r * b : (r + 1) * b]
 
-    def begin_step(self, model: nn.Module, ids_BS: torch.Tensor) -> torch.Tensor:
+    def begin_step(self, model: nn.Module) -> None:
         reset_traffic(model)
-        return self.shard_batch(ids_BS)
 
     def end_step(self, model: nn.Module) -> None:
         """Add this step's EP traffic to the logging window (local; summed over ranks when logged)."""
@@ -110,10 +134,10 @@ class DistributedTraining:
         self._window_exposed_s += exposed_comm_seconds(model)
 
     # ------------------------------------------------------------------ reductions
-    def mean_losses(
+    def reduce_losses(
         self, total: torch.Tensor, main: torch.Tensor, mtp: Sequence[torch.Tensor], balance: torch.Tensor | None,
         *, stop: bool,
-    ) -> tuple[dict[str, Any], bool]:
+    ) -> tuple[LossStats, bool]:
         """Global means of the step's losses (one all-reduce) and whether any rank asked to stop."""
         parts = [total.detach().float(), main.detach().float(), *[m.detach().float() for m in mtp]]
         parts.append(balance.detach().float() if balance is not None else torch.zeros(()))
@@ -122,7 +146,7 @@ class DistributedTraining:
         dist.all_reduce(vec, group=self.groups.world)
         means = (vec[:-1] / self.world_size).tolist()
         n_mtp = len(mtp)
-        stats = {"total": means[0], "main": means[1], "mtp": means[2 : 2 + n_mtp], "balance": means[2 + n_mtp]}
+        stats = LossStats(total=means[0], main=means[1], mtp=means[2 : 2 + n_mtp], balance=means[2 + n_mtp])
         return stats, bool(vec[-1] > 0)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -130,6 +154,11 @@ class DistributedTraining:
         out = t.detach().clone()
         dist.all_reduce(out, group=self.groups.world)
         return out
+
+    def all_finite(self, flag: bool) -> bool:
+        vec = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(vec, op=dist.ReduceOp.MIN, group=self.groups.world)
+        return bool(vec[0] > 0)
 
     def reduce_gradients(self, model: nn.Module) -> None:
         """Average dense gradients over the world and expert gradients over the expert-DP group (÷ world)."""
@@ -165,8 +194,6 @@ class DistributedTraining:
         self, model: nn.Module, batches: Iterable[torch.Tensor], *, max_batches: int | None, precision: str
     ) -> float:
         """Validation loss over each batch's rows split across ranks, averaged over the world."""
-        from latentmoe.train.trainer import evaluate
-
         local = evaluate(model, (self.shard_batch(b) for b in batches), max_batches=max_batches, precision=precision)
         vec = torch.tensor([local], dtype=torch.float64, device=self.device)
         dist.all_reduce(vec, group=self.groups.world)
@@ -186,32 +213,52 @@ class DistributedTraining:
         record["a2a_exposed_comm_s"] = float(exposed) / max(steps, 1)
         return record
 
-    def metrics_writer(self, out_dir, *, resume_step: int | None):
-        from latentmoe.train.metrics import MetricsWriter
+    # ------------------------------------------------------------------ checkpoints and control
+    def save_checkpoint(
+        self, out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+        trainer_state: dict[str, Any], config: ModelConfig, *, keep_last: int | None, owner_kind: str,
+    ) -> Path:
+        return save_sharded_checkpoint(out_dir, step, model, optimizer, trainer_state, config, groups=self.groups,
+                                       keep_last=keep_last, owner_kind=owner_kind)
 
-        if self.is_main:
-            return MetricsWriter(out_dir, resume_step=resume_step)
-        return _NullMetrics()
+    def load_checkpoint(
+        self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, *, check_hashes: bool
+    ) -> dict[str, Any]:
+        return load_sharded_checkpoint(path, model, optimizer, check_hashes=check_hashes)
 
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, trainer) -> Any:
-        from latentmoe.parallel.checkpoint import save_sharded_checkpoint
+    def barrier(self) -> None:
+        dist.barrier(group=self.groups.world)
 
-        return save_sharded_checkpoint(
-            trainer.out_dir,
-            trainer.step,
-            trainer.model,
-            trainer.optimizer,
-            trainer.state_dict(),
-            trainer.model_config,
-            groups=self.groups,
-            keep_last=trainer.cfg.keep_last,
-        )
+    def broadcast_object(self, value: Any) -> Any:
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.groups.world)
+        return box[0]
 
-    def load_checkpoint(self, path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-        from latentmoe.parallel.checkpoint import load_sharded_checkpoint
+    def errors(self):
+        """Context manager: transport failures become one CollectiveError line naming this rank."""
+        return collective_errors(self.topology.rank, self.world_size, self.parallel.timeout_s)
 
-        return load_sharded_checkpoint(path, model, optimizer, groups=self.groups)
+    def record_layout(self, out_dir: str | Path, config: ModelConfig, *, kind: str) -> None:
+        """``ep_layout.json`` in the run directory (rank 0): what ``latentmoe ep-report`` describes the run with."""
+        topo = self.topology
+        data = {
+            "world_size": topo.world_size,
+            "gpus_per_node": topo.gpus_per_node,
+            "n_nodes": topo.n_nodes,
+            "ep_size": topo.ep_size,
+            "dp_size": topo.dp_size,
+            "dispatch": self.parallel.dispatch,
+            "combine": self.parallel.combine,
+            "overlap": self.parallel.overlap,
+            "n_routed_experts": config.n_routed_experts,
+            "num_experts_per_tok": config.num_experts_per_tok,
+            "n_group": config.n_group,
+            "topk_group": config.topk_group,
+            "hidden_size": config.hidden_size,
+            "backend": dist.get_backend(),
+        }
+        write_json_atomic(Path(out_dir) / LAYOUT_FILE, data)
+        claim_run_file(out_dir, LAYOUT_FILE, kind=kind)
 
 
 def _split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -229,13 +276,6 @@ def _sum_sq(grads: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor
     for g in grads:
         total = total + g.detach().float().pow(2).sum().to(device)
     return total
-
-
-def comm_device() -> torch.device:
-    """The device collectives of small host values must use: the current CUDA device under NCCL, else the CPU."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _all_reduce_grads(params: list[nn.Parameter], group, divide_by: int) -> None:
@@ -256,120 +296,20 @@ def _all_reduce_grads(params: list[nn.Parameter], group, divide_by: int) -> None
 # ---------------------------------------------------------------------------------------------- set-up
 
 
-@dataclass(frozen=True)
-class ParallelConfig:
-    """How to lay a training run over processes (the CLI's ``--ep``, ``--gpus-per-node``, ``--ep-*``).
-
-    ep: EP size (ranks sharing one copy of the experts; must divide the world size and n_routed_experts);
-    gpus_per_node: ranks per node (None: all ranks on one node); dispatch / combine: payload codecs;
-    overlap: dual micro-batch overlap in the MoE layers; timeout_s: collective timeout.
-    """
-
-    ep: int = 1
-    gpus_per_node: int | None = None
-    dispatch: str = "fp32"
-    combine: str = "fp32"
-    overlap: bool = False
-    timeout_s: float = DEFAULT_TIMEOUT_S
-
-    def topology(self, rank: int, world_size: int) -> Topology:
-        return Topology(
-            world_size=world_size,
-            rank=rank,
-            gpus_per_node=self.gpus_per_node or world_size,
-            ep_size=self.ep,
-        )
-
-
-LAYOUT_FILE = "ep_layout.json"
-
-
-def start_parallel(parallel: ParallelConfig) -> ProcessGroups | None:
-    """Start torch.distributed from torchrun's environment and build the groups; None for one process.
+def start_strategy(parallel: ParallelConfig | None = None, *, device: str | torch.device | None = None) -> Strategy:
+    """The strategy for this process: :class:`SingleProcess` outside torchrun (with ``--ep 1``), else start
+    torch.distributed from torchrun's environment (gloo on CPU, NCCL on CUDA) and build the groups.
 
     Raises :class:`TopologyError` for a layout that cannot work (e.g. ``--ep 4`` on 2 processes)."""
+    parallel = parallel or ParallelConfig()
     _, world_size, _ = env_world()
     if world_size == 1 and parallel.ep == 1:
-        return None
+        return SingleProcess()
     if parallel.ep > world_size:
         raise TopologyError(
             f"--ep {parallel.ep} needs at least {parallel.ep} processes, this run has {world_size} "
             "(launch with torchrun --nproc-per-node N)"
         )
-    init_distributed(timeout_s=parallel.timeout_s)
-    return build_groups(parallel.topology(dist.get_rank(), dist.get_world_size()))
-
-
-def attach(model: nn.Module, groups: ProcessGroups, parallel: ParallelConfig) -> DistributedTraining:
-    """Shard ``model``'s experts over the EP group (in place) and return the trainer's hook."""
-    if groups.topology.ep_size > 1:
-        for moe in moe_layers(model):
-            experts_per_rank(moe.config.n_routed_experts, groups.topology.ep_size)
-        enable_expert_parallel(
-            model, groups, dispatch=parallel.dispatch, combine=parallel.combine, overlap=parallel.overlap
-        )
-    return DistributedTraining(groups)
-
-
-def write_layout(out_dir, groups: ProcessGroups, parallel: ParallelConfig, config) -> None:
-    """``ep_layout.json`` in the run directory (rank 0): what ``latentmoe ep-report`` describes the run with."""
-    from latentmoe.config import write_text_atomic
-
-    topo = groups.topology
-    data = {
-        "world_size": topo.world_size,
-        "gpus_per_node": topo.gpus_per_node,
-        "n_nodes": topo.n_nodes,
-        "ep_size": topo.ep_size,
-        "dp_size": topo.dp_size,
-        "dispatch": parallel.dispatch,
-        "combine": parallel.combine,
-        "overlap": parallel.overlap,
-        "n_routed_experts": config.n_routed_experts,
-        "num_experts_per_tok": config.num_experts_per_tok,
-        "n_group": config.n_group,
-        "topk_group": config.topk_group,
-        "hidden_size": config.hidden_size,
-        "backend": dist.get_backend(),
-    }
-    write_text_atomic(Path(out_dir) / LAYOUT_FILE, json.dumps(data, indent=1) + "\n")
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a started process group, or a single process."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def shutdown() -> None:
-    """Tear the process group down (end of a distributed CLI run)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-class CollectiveError(RuntimeError):
-    """A collective failed on this rank: a peer died or stopped responding within the collective timeout."""
-
-
-_TRANSPORT_FAILURES = ("Timed out", "timed out", "Connection closed", "Connection reset", "Broken pipe", "NCCL")
-
-
-@contextlib.contextmanager
-def collective_errors(groups: ProcessGroups | None, timeout_s: float):
-    """Turn the backend's transport errors (gloo/NCCL timeouts, closed connections) into :class:`CollectiveError`
-    naming this rank, so a run whose peer died ends with one clear line instead of a backend traceback."""
-    try:
-        yield
-    except (dist.DistError, RuntimeError) as exc:
-        text = str(exc)
-        if groups is None or not (isinstance(exc, dist.DistError) or any(m in text for m in _TRANSPORT_FAILURES)):
-            raise
-        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        raise CollectiveError(
-            f"rank {groups.topology.rank} of {groups.topology.world_size}: a collective failed — a peer rank "
-            f"died or stopped responding (collective timeout {timeout_s:.0f} s): {first[:200]}"
-        ) from exc
+    init_distributed(device=device, timeout_s=parallel.timeout_s)
+    groups = build_groups(parallel.topology(dist.get_rank(), dist.get_world_size()))
+    return ExpertParallelStrategy(groups, parallel)

@@ -7,9 +7,7 @@ import pytest
 import torch
 
 from latentmoe import CausalLM, ModelConfig
-from latentmoe.model.mtp import causal_lm_loss
-from latentmoe.train import checkpoint as ckpt_mod
-from latentmoe.train.checkpoint import (
+from latentmoe.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,
@@ -17,6 +15,8 @@ from latentmoe.train.checkpoint import (
     load_model,
     save_checkpoint,
 )
+from latentmoe.checkpoint import store as ckpt_mod
+from latentmoe.model.mtp import causal_lm_loss
 from latentmoe.train.optim import build_optimizer
 
 
@@ -122,7 +122,7 @@ def test_interrupted_save_leaves_previous_checkpoint_latest(tmp_path, config, mo
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path, 20, model, opt, {}, config)
     assert latest_checkpoint(tmp_path) == first
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000010"], "temp dir cleaned up"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".latentmoe.json", "checkpoint-000010"], "temp dir cleaned up"
 
 
 def test_leftover_temp_dirs_and_incomplete_checkpoints_are_ignored(tmp_path, config):

@@ -1,9 +1,10 @@
-"""The ``plan`` command line: parses flags, calls the planner's pure functions, prints tables or JSON.
+"""``latentmoe plan``: parses flags, calls the planner's pure functions, prints tables or JSON. Torch-free.
 
 ``add_plan_subcommand(subparsers)`` registers ``plan`` on any argparse sub-parser set (the main
 ``latentmoe`` CLI uses it); ``python -m latentmoe.plan`` builds a parser of its own around it. Every parser
-sets ``func`` (``args -> exit status``). Bad input raises :class:`~latentmoe.plan.errors.PlanError` with a
-one-line message; the caller prints ``error: ...`` and exits with status 2.
+sets ``func`` (``args -> exit status``). Every numeric flag is checked when it is parsed (finite, in range);
+what the planner rejects later raises :class:`~latentmoe.plan.errors.PlanError` with a one-line message; the
+caller prints ``error: ...`` and exits with status 2.
 
     latentmoe plan [--model M ...] [--hardware NAME] [--nodes N] ... [--json] [--plot DIR]
     latentmoe plan decode-limit [--model M] [--hidden H] [--tokens T] [--fanout F] [--gbps G] ... [--json]
@@ -22,9 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from latentmoe.cli.common import OneLineErrorParser, number, positive_int
+from latentmoe.io import BITS_PER_BYTE, BYTES_PER_MIB, GIGA, MS_PER_S
 from latentmoe.plan.arch import ArchSpec, load_arch
 from latentmoe.plan.arith import DTYPE_BYTES
-from latentmoe.plan.decode import BITS_PER_BYTE, GIGA, MS_PER_S, decode_limit, gbps_to_bytes_per_s
+from latentmoe.plan.decode import decode_limit, gbps_to_bytes_per_s
 from latentmoe.plan.errors import PlanError
 from latentmoe.plan.fabric import MULTI_PLANE, MULTI_RAIL, all_to_all, fat_tree_fabric, leaf, spine
 from latentmoe.plan.hardware import DEFAULT_HARDWARE, Cluster, Hardware, load_hardware
@@ -64,7 +67,14 @@ A2A_NODES = 8
 A2A_GPUS_PER_NODE = 4
 A2A_RADIX = 8
 A2A_MIB_PER_PAIR = 1
-BYTES_PER_MIB = 2**20
+DEFAULT_FAIL_PLANE = 0
+DEFAULT_FAIL_LINK = "0:0:0"
+MAX_COUNT = 2**31 - 1  # nodes, GPUs, layers, tokens: anything larger is a typo
+MAX_GBPS = 1e9
+MAX_GB = 1e9
+MAX_USD = 1e12
+MAX_ELEMENT_BYTES = 64
+MAX_MIB = 2**30
 
 
 def _print_json(obj: Any) -> None:
@@ -74,30 +84,28 @@ def _print_json(obj: Any) -> None:
 def _add_hardware_flags(parser: argparse.ArgumentParser, *, cluster: bool = True) -> None:
     g = parser.add_argument_group("hardware (a preset, any field overridable)")
     g.add_argument("--hardware", default=DEFAULT_HARDWARE, help=f"preset name (default {DEFAULT_HARDWARE})")
-    g.add_argument("--memory-gb", type=float, help="override device memory, GB (1e9 bytes)")
+    g.add_argument("--memory-gb", type=number(0, MAX_GB, low_open=True), help="override device memory, GB (1e9 bytes)")
     g.add_argument(
         "--scale-up-gbps",
-        type=float,
+        type=number(0, MAX_GBPS, low_open=True),
         help="override NVLink bandwidth per GPU per direction, Gbit/s (900 GB/s = 7200)",
     )
-    g.add_argument("--scale-out-gbps", type=float, help="override NIC bandwidth per GPU, Gbit/s (e.g. 400)")
-    g.add_argument("--gpus-per-node", type=int, help="override GPUs per node")
+    g.add_argument(
+        "--scale-out-gbps",
+        type=number(0, MAX_GBPS, low_open=True),
+        help="override NIC bandwidth per GPU, Gbit/s (e.g. 400)",
+    )
+    g.add_argument("--gpus-per-node", type=positive_int(MAX_COUNT), help="override GPUs per node")
     if cluster:
         g.add_argument(
             "--nodes",
-            type=int,
+            type=positive_int(MAX_COUNT),
             default=PAPER_NODES,
             help=f"nodes in the cluster (default {PAPER_NODES}: the paper's 2,048 GPUs)",
         )
 
 
 def _hardware(args: argparse.Namespace) -> Hardware:
-    for flag in ("memory_gb", "scale_up_gbps", "scale_out_gbps"):
-        value = getattr(args, flag)
-        if value is not None and not value > 0:
-            raise PlanError(f"--{flag.replace('_', '-')} must be > 0, got {value:g}")
-    if args.gpus_per_node is not None and args.gpus_per_node < 1:
-        raise PlanError(f"--gpus-per-node must be a positive integer, got {args.gpus_per_node}")
     scale_up = None if args.scale_up_gbps is None else args.scale_up_gbps / BITS_PER_BYTE  # -> GB/s
     return load_hardware(
         args.hardware,
@@ -109,8 +117,6 @@ def _hardware(args: argparse.Namespace) -> Hardware:
 
 
 def _cluster(args: argparse.Namespace) -> Cluster:
-    if args.nodes < 1:
-        raise PlanError(f"--nodes must be a positive integer, got {args.nodes}")
     return Cluster(_hardware(args), args.nodes)
 
 
@@ -123,43 +129,48 @@ def _expert_parallel(arch: ArchSpec, ep: int | None, dp_tp: int) -> int:
     return math.gcd(PAPER_EP, moe.n_routed_experts, dp_tp) if ep is None else ep
 
 
+def default_pp(arch: ArchSpec) -> int:
+    """The paper's 16 pipeline stages, or fewer for a model with fewer layers (a power of two, so it divides the
+    cluster's GPUs as the paper's does)."""
+    return min(PAPER_PP, 2 ** int(math.log2(max(1, arch.num_layers))))
+
+
 def run_report(args: argparse.Namespace) -> int:
     """``latentmoe plan``: the side-by-side model table, JSON or plots."""
     cluster = _cluster(args)
     archs = [load_arch(m) for m in (args.model or PAPER_MODELS)]
-    tp, pp = args.tp, args.pp
-    for flag, value in (("--tp", tp), ("--pp", pp)):
-        if value < 1:
-            raise PlanError(f"{flag} must be a positive integer, got {value}")
-    if args.dp is None:
-        if cluster.gpus % (tp * pp):
-            raise PlanError(f"{cluster.gpus} GPUs are not divisible by tp x pp = {tp * pp}")
-        dp = cluster.gpus // (tp * pp)
-    else:
-        dp = args.dp
-    layout = ParallelLayout(dp=dp, tp=tp, pp=pp, ep=1, zero_stage=args.zero)
+    tp = args.tp
     precision = Precision(
         weight=args.weight_dtype, grad=args.grad_dtype, master=args.master_dtype, moment=args.moment_dtype
     )
     serve_gpus = args.serve_gpus or cluster.hardware.gpus_per_node
-    reports = [
-        model_report(
-            arch,
-            cluster=cluster,
-            layout=dataclasses.replace(layout, ep=_expert_parallel(arch, args.ep, dp * tp)),
-            precision=precision,
-            seq_len=args.seq_len,
-            micro_batch=args.micro_batch,
-            recompute=args.recompute,
-            kv_dtype=args.kv_dtype,
-            causal=not args.non_causal,
-            serve_gpus=serve_gpus,
-            serve_weight_dtype=args.serve_weight_dtype,
-            decode_tokens=args.tokens_per_device,
-            mtp_acceptance=args.mtp_acceptance,
+    reports = []
+    for arch in archs:
+        pp = args.pp or default_pp(arch)
+        if args.dp is None:
+            if cluster.gpus % (tp * pp):
+                raise PlanError(f"{cluster.gpus} GPUs are not divisible by tp x pp = {tp * pp}")
+            dp = cluster.gpus // (tp * pp)
+        else:
+            dp = args.dp
+        layout = ParallelLayout(dp=dp, tp=tp, pp=pp, ep=_expert_parallel(arch, args.ep, dp * tp), zero_stage=args.zero)
+        reports.append(
+            model_report(
+                arch,
+                cluster=cluster,
+                layout=layout,
+                precision=precision,
+                seq_len=args.seq_len,
+                micro_batch=args.micro_batch,
+                recompute=args.recompute,
+                kv_dtype=args.kv_dtype,
+                causal=not args.non_causal,
+                serve_gpus=serve_gpus,
+                serve_weight_dtype=args.serve_weight_dtype,
+                decode_tokens=args.tokens_per_device,
+                mtp_acceptance=args.mtp_acceptance,
+            )
         )
-        for arch in archs
-    ]
     if args.json:
         _print_json([model_json(r, baseline=reports[0]) for r in reports])
     else:
@@ -176,19 +187,13 @@ def run_decode_limit(args: argparse.Namespace) -> int:
     """``latentmoe plan decode-limit``: ISCA §2.3.2's communication bound on decoding."""
     arch = load_arch(args.model) if args.model else None
     if arch is not None and not arch.is_moe:
-        raise PlanError(
-            f"model {arch.name!r} is dense: it has no expert-parallel all-to-all to bound decoding"
-        )
+        raise PlanError(f"model {arch.name!r} is dense: it has no expert-parallel all-to-all to bound decoding")
     hidden = args.hidden or (arch.hidden_size if arch else ISCA_DECODE_HIDDEN)
     fanout = args.fanout or (arch.fanout if arch else ISCA_DECODE_FANOUT)
     layers = args.layers or (arch.num_layers if arch else ISCA_DECODE_LAYERS)
     if args.gbps is not None:
-        if not args.gbps > 0:
-            raise PlanError(f"--gbps must be > 0, got {args.gbps:g}")
         bw = gbps_to_bytes_per_s(args.gbps)
     elif args.gbytes_per_s is not None:
-        if not args.gbytes_per_s > 0:
-            raise PlanError(f"--gbytes-per-s must be > 0, got {args.gbytes_per_s:g}")
         bw = args.gbytes_per_s * GIGA
     else:
         hw = _hardware(args)
@@ -218,8 +223,6 @@ def _prices(args: argparse.Namespace) -> UnitPrices:
         return paper
     switch = paper.switch_usd if args.switch_usd is None else args.switch_usd
     link = paper.link_usd if args.link_usd is None else args.link_usd
-    if switch < 0 or link < 0:
-        raise PlanError(f"--switch-usd and --link-usd must be >= 0, got {switch:g} and {link:g}")
     return UnitPrices(switch, link, "given on the command line")
 
 
@@ -253,8 +256,6 @@ def _parse_link(text: str) -> tuple[int, int, int]:
 def run_all_to_all(args: argparse.Namespace) -> int:
     """``latentmoe plan all-to-all``: multi-rail vs multi-plane fat-tree, healthy and with failures."""
     hw = _hardware(args)
-    if args.mib_per_pair is not None and not args.mib_per_pair > 0:
-        raise PlanError(f"--mib-per-pair must be > 0, got {args.mib_per_pair:g}")
     gpus_per_node = args.gpus_per_node or A2A_GPUS_PER_NODE
     common = dict(
         nodes=args.nodes,
@@ -264,15 +265,21 @@ def run_all_to_all(args: argparse.Namespace) -> int:
         nvlink_bytes_per_s=hw.scale_up_bytes_per_s,
     )
     size = args.mib_per_pair * BYTES_PER_MIB
-    plane, leaf_i, spine_i = _parse_link(args.fail_link)
-    cut = (leaf(plane, leaf_i), spine(plane, spine_i))
+    fail_plane = DEFAULT_FAIL_PLANE if args.fail_plane is None else args.fail_plane
     scenarios = [
         ("MRFT, PXN", MULTI_RAIL, True, {}),
         ("MRFT, direct (cross rails at spines)", MULTI_RAIL, False, {}),
         ("MPFT", MULTI_PLANE, True, {}),
-        (f"MPFT, plane {args.fail_plane} down", MULTI_PLANE, True, {"failed_planes": [args.fail_plane]}),
-        (f"MPFT, link {args.fail_link} down", MULTI_PLANE, True, {"failed_links": [cut]}),
+        (f"MPFT, plane {fail_plane} down", MULTI_PLANE, True, {"failed_planes": [fail_plane]}),
     ]
+    # The default link failure needs leaf-spine links; a fabric small enough for one leaf per plane has none.
+    healthy = fat_tree_fabric(MULTI_PLANE, **common)
+    has_spines = any(u == spine(0, 0) or v == spine(0, 0) for u, v in healthy.capacity)
+    if args.fail_link is not None or has_spines:
+        fail_link = DEFAULT_FAIL_LINK if args.fail_link is None else args.fail_link
+        plane, leaf_i, spine_i = _parse_link(fail_link)
+        cut = (leaf(plane, leaf_i), spine(plane, spine_i))
+        scenarios.append((f"MPFT, link {fail_link} down", MULTI_PLANE, True, {"failed_links": [cut]}))
     results = [
         all_to_all(fat_tree_fabric(kind, **common, **extra), bytes_per_pair=size, pxn=pxn)
         for _, kind, pxn, extra in scenarios
@@ -310,15 +317,22 @@ def add_plan_subcommand(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_hardware_flags(plan)
     lay = plan.add_argument_group("training layout")
-    lay.add_argument("--dp", type=int, help="data-parallel degree (default: GPUs / (tp x pp))")
-    lay.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
-    lay.add_argument("--pp", type=int, default=PAPER_PP, help=f"pipeline stages (default {PAPER_PP})")
+    lay.add_argument("--dp", type=positive_int(MAX_COUNT), help="data-parallel degree (default: GPUs / (tp x pp))")
+    lay.add_argument("--tp", type=positive_int(MAX_COUNT), default=1, help="tensor-parallel degree (default 1)")
     lay.add_argument(
-        "--ep", type=int, help=f"expert-parallel degree (default: gcd({PAPER_EP}, routed experts, dp x tp))"
+        "--pp",
+        type=positive_int(MAX_COUNT),
+        default=None,
+        help=f"pipeline stages (default: {PAPER_PP} as the paper, at most the model's layers, a power of 2)",
+    )
+    lay.add_argument(
+        "--ep",
+        type=positive_int(MAX_COUNT),
+        help=f"expert-parallel degree (default: gcd({PAPER_EP}, routed experts, dp x tp))",
     )
     lay.add_argument("--zero", type=int, default=1, choices=ZERO_STAGES, help="ZeRO stage (default 1)")
-    lay.add_argument("--seq-len", type=int, default=PAPER_SEQ_LEN, help="training sequence length")
-    lay.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
+    lay.add_argument("--seq-len", type=positive_int(MAX_COUNT), default=PAPER_SEQ_LEN, help="training sequence length")
+    lay.add_argument("--micro-batch", type=positive_int(MAX_COUNT), default=1, help="sequences per micro-batch")
     lay.add_argument("--recompute", default="none", choices=RECOMPUTE_MODES)
     lay.add_argument("--non-causal", action="store_true", help="count the full attention matrix in FLOPs")
     dtypes = sorted(DTYPE_BYTES)
@@ -329,17 +343,17 @@ def add_plan_subcommand(subparsers: argparse._SubParsersAction) -> None:
     inf = plan.add_argument_group("inference")
     inf.add_argument("--kv-dtype", default="bf16", choices=dtypes, help="KV-cache element type")
     inf.add_argument(
-        "--serve-gpus", type=int, help="GPUs holding one copy of the weights (default: one node)"
+        "--serve-gpus", type=positive_int(MAX_COUNT), help="GPUs holding one copy of the weights (default: one node)"
     )
     inf.add_argument("--serve-weight-dtype", default="bf16", choices=dtypes)
     inf.add_argument(
         "--tokens-per-device",
-        type=int,
+        type=positive_int(MAX_COUNT),
         default=ISCA_DECODE_TOKENS_PER_DEVICE,
         help="decode batch per device for the EP limit",
     )
-    inf.add_argument("--mtp-acceptance", type=float, help="MTP draft acceptance rate, e.g. 0.85")
-    plan.add_argument("--json", action="store_true", help="print one JSON object per model")
+    inf.add_argument("--mtp-acceptance", type=number(0, 1), help="MTP draft acceptance rate, e.g. 0.85")
+    plan.add_argument("--json", action="store_true", help="print a JSON list with one object per model")
     plan.add_argument("--plot", metavar="DIR", help="write PNG charts into DIR")
     plan.set_defaults(func=run_report)
 
@@ -353,20 +367,36 @@ def add_plan_subcommand(subparsers: argparse._SubParsersAction) -> None:
     )
     dec.add_argument("--model", help="take hidden, fan-out and layers from this model")
     dec.add_argument(
-        "--hidden", type=int, help=f"hidden size (default {ISCA_DECODE_HIDDEN}, the paper's '7K')"
+        "--hidden", type=positive_int(MAX_COUNT), help=f"hidden size (default {ISCA_DECODE_HIDDEN}, the paper's '7K')"
     )
-    dec.add_argument("--tokens", type=int, default=ISCA_DECODE_TOKENS_PER_DEVICE, help="tokens per device")
     dec.add_argument(
-        "--fanout", type=int, help=f"experts per token incl. shared (default {ISCA_DECODE_FANOUT})"
+        "--tokens", type=positive_int(MAX_COUNT), default=ISCA_DECODE_TOKENS_PER_DEVICE, help="tokens per device"
     )
-    dec.add_argument("--layers", type=int, help=f"layers (default {ISCA_DECODE_LAYERS})")
-    dec.add_argument("--dispatch-bytes", type=float, default=FP8_BYTES, help="bytes per element dispatched")
-    dec.add_argument("--combine-bytes", type=float, default=BF16_BYTES, help="bytes per element combined")
-    dec.add_argument("--micro-batches", type=int, default=2, help="overlapped micro-batches per layer")
-    dec.add_argument("--mtp-acceptance", type=float, help="MTP draft acceptance rate, e.g. 0.85")
+    dec.add_argument(
+        "--fanout", type=positive_int(MAX_COUNT), help=f"experts per token incl. shared (default {ISCA_DECODE_FANOUT})"
+    )
+    dec.add_argument("--layers", type=positive_int(MAX_COUNT), help=f"layers (default {ISCA_DECODE_LAYERS})")
+    dec.add_argument(
+        "--dispatch-bytes",
+        type=number(0, MAX_ELEMENT_BYTES, low_open=True),
+        default=FP8_BYTES,
+        help="bytes per element dispatched",
+    )
+    dec.add_argument(
+        "--combine-bytes",
+        type=number(0, MAX_ELEMENT_BYTES, low_open=True),
+        default=BF16_BYTES,
+        help="bytes per element combined",
+    )
+    dec.add_argument(
+        "--micro-batches", type=positive_int(MAX_COUNT), default=2, help="overlapped micro-batches per layer"
+    )
+    dec.add_argument("--mtp-acceptance", type=number(0, 1), help="MTP draft acceptance rate, e.g. 0.85")
     bw = dec.add_mutually_exclusive_group()
-    bw.add_argument("--gbps", type=float, help="bandwidth in Gbit/s (400 = 50 GB/s)")
-    bw.add_argument("--gbytes-per-s", type=float, help="bandwidth in GB/s (e.g. 900 for NVL72)")
+    bw.add_argument("--gbps", type=number(0, MAX_GBPS, low_open=True), help="bandwidth in Gbit/s (400 = 50 GB/s)")
+    bw.add_argument(
+        "--gbytes-per-s", type=number(0, MAX_GBPS, low_open=True), help="bandwidth in GB/s (e.g. 900 for NVL72)"
+    )
     dec.add_argument(
         "--over",
         choices=("scale-out", "scale-up"),
@@ -378,24 +408,49 @@ def add_plan_subcommand(subparsers: argparse._SubParsersAction) -> None:
     dec.set_defaults(func=run_decode_limit)
 
     net = sub.add_parser("network", help="topology sizes and cost (ISCA Table 3)")
-    net.add_argument("--radix", type=int, default=ISCA_TABLE3_RADIX, help="switch ports (default 64)")
-    net.add_argument("--planes", type=int, default=ISCA_MPFT_PLANES, help="planes of the MPFT (default 8)")
-    net.add_argument("--dragonfly-groups", type=int, help="dragonfly groups (default: the maximum, a*h+1)")
-    net.add_argument("--switch-usd", type=float, help="price of a switch (default: implied by ISCA Table 3)")
-    net.add_argument("--link-usd", type=float, help="price of a link (default: implied by ISCA Table 3)")
+    net.add_argument(
+        "--radix", type=number(2, MAX_COUNT, integer=True), default=ISCA_TABLE3_RADIX, help="switch ports (default 64)"
+    )
+    net.add_argument(
+        "--planes", type=positive_int(MAX_COUNT), default=ISCA_MPFT_PLANES, help="planes of the MPFT (default 8)"
+    )
+    net.add_argument(
+        "--dragonfly-groups", type=positive_int(MAX_COUNT), help="dragonfly groups (default: the maximum, a*h+1)"
+    )
+    net.add_argument(
+        "--switch-usd", type=number(0, MAX_USD), help="price of a switch (default: implied by ISCA Table 3)"
+    )
+    net.add_argument("--link-usd", type=number(0, MAX_USD), help="price of a link (default: implied by ISCA Table 3)")
     net.add_argument("--json", action="store_true", help="print one JSON object per topology")
     net.add_argument("--plot", metavar="DIR", help="write the cost-per-endpoint chart into DIR")
     net.set_defaults(func=run_network)
 
     a2a = sub.add_parser("all-to-all", help="flow simulation: multi-rail vs multi-plane fat-tree, failures")
-    a2a.add_argument("--nodes", type=int, default=A2A_NODES, help=f"nodes (default {A2A_NODES})")
+    a2a.add_argument("--nodes", type=positive_int(MAX_COUNT), default=A2A_NODES, help=f"nodes (default {A2A_NODES})")
     a2a.set_defaults(gpus_per_node=A2A_GPUS_PER_NODE)
-    a2a.add_argument("--radix", type=int, default=A2A_RADIX, help=f"switch ports (default {A2A_RADIX})")
     a2a.add_argument(
-        "--mib-per-pair", type=float, default=A2A_MIB_PER_PAIR, help="MiB each GPU sends each GPU"
+        "--radix",
+        type=number(2, MAX_COUNT, integer=True),
+        default=A2A_RADIX,
+        help=f"switch ports (default {A2A_RADIX})",
     )
-    a2a.add_argument("--fail-plane", type=int, default=0, help="plane to take down (default 0)")
-    a2a.add_argument("--fail-link", default="0:0:0", help="leaf-spine link to cut, PLANE:LEAF:SPINE")
+    a2a.add_argument(
+        "--mib-per-pair",
+        type=number(0, MAX_MIB, low_open=True),
+        default=A2A_MIB_PER_PAIR,
+        help="MiB each GPU sends each GPU",
+    )
+    a2a.add_argument(
+        "--fail-plane",
+        type=number(0, MAX_COUNT, integer=True),
+        default=None,
+        help="plane to take down (default: the failure scenarios use plane 0)",
+    )
+    a2a.add_argument(
+        "--fail-link",
+        default=None,
+        help="leaf-spine link to cut, PLANE:LEAF:SPINE (default: the failure scenarios cut 0:0:0)",
+    )
     _add_hardware_flags(a2a, cluster=False)
     a2a.add_argument("--json", action="store_true")
     a2a.set_defaults(func=run_all_to_all)
@@ -403,8 +458,8 @@ def add_plan_subcommand(subparsers: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """A stand-alone parser whose only command is ``plan`` (for ``python -m latentmoe.plan``)."""
-    parser = argparse.ArgumentParser(prog="latentmoe", description="latentmoe co-design planner")
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineErrorParser(prog="latentmoe", description="latentmoe co-design planner")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
     add_plan_subcommand(subparsers)
     return parser
 
@@ -414,7 +469,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] != "plan":
         argv = ["plan", *argv]
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad flag (already reported on one line)
+        return int(exc.code or 0)
     try:
         return args.func(args)
     except ValueError as exc:  # PlanError is a ValueError; so is ModelConfig's ConfigError

@@ -1,0 +1,7 @@
+"""``python -m latentmoe.cli ...``: the command line."""
+
+import sys
+
+from latentmoe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,96 @@
+"""``latentmoe generate``: sample continuations from one of our checkpoints or a Hugging Face directory."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+from latentmoe.cli.common import add_device_option, field_type
+from latentmoe.infer.sampling import SamplingParams
+
+MAX_BATCH = 16
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="sample a continuation from a checkpoint",
+                       description="Sample text from a trained checkpoint (a checkpoint-STEP dir or a run dir) "
+                       "or a Hugging Face DeepSeek-V3/V2 directory.")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint directory, run directory (newest checkpoint), or Hugging Face directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt")
+    source.add_argument("--batch-file", help="a UTF-8 text file with one prompt per line, generated as one batch")
+    s = SamplingParams
+    p.add_argument("--max-tokens", type=field_type(s, "max_tokens"), default=100, help="default %(default)s")
+    p.add_argument("--temperature", type=field_type(s, "temperature"), default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=field_type(s, "top_k"), default=0, help="0 = off")
+    p.add_argument("--top-p", type=field_type(s, "top_p"), default=0.95, help="nucleus mass, 1.0 = off")
+    p.add_argument("--seed", type=field_type(s, "seed"), default=None)
+    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=False,
+                   help="MTP speculative decoding: the MTP module(s) draft, the model verifies (default: off)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated (with --prompt)")
+    p.add_argument("--cache-dtype", choices=("fp32", "bf16", "fp8"), default=None,
+                   help="latent KV cache dtype (default: the model's)")
+    add_device_option(p)
+    p.set_defaults(func=run)
+
+
+def utf8_text(text: str, what: str) -> str:
+    """Command-line text must be valid UTF-8 (argv bytes that are not arrive as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} is not valid UTF-8 text (byte {exc.start})") from None
+    return text
+
+
+def read_prompts(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--batch-file {path}: not UTF-8 text (byte {exc.start})") from None
+    if not prompts:
+        raise ValueError(f"--batch-file {path}: has no prompts")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    from latentmoe.infer import Engine
+    from latentmoe.pretrained import load
+
+    params = SamplingParams(  # validated before the (slower) checkpoint load
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )
+    if args.batch_file is not None:
+        if args.stream:
+            raise ValueError("--stream works with --prompt, not --batch-file")
+        prompts = read_prompts(args.batch_file)
+    else:
+        prompts = [utf8_text(args.prompt, "--prompt")]
+    model, tokenizer = load(args.checkpoint, device=args.device)
+    eos = model.config.eos_token_id
+    params = dataclasses.replace(params, stop_token_ids=() if eos is None else (eos,))
+    engine = Engine(model, tokenizer, cache_dtype=args.cache_dtype, max_batch=max(1, min(len(prompts), MAX_BATCH)))
+    t0 = time.perf_counter()
+    if args.stream:
+        print(args.prompt, end="", flush=True)
+        for event in engine.stream(args.prompt, params, speculative=args.speculative):
+            print(event.new_text, end="", flush=True)
+        print()
+        results = [event.result]
+    else:
+        results = engine.generate(prompts, params, speculative=args.speculative)
+        for i, (prompt, result) in enumerate(zip(prompts, results, strict=True)):
+            print(("\n" if i else "") + prompt + result.text)
+    elapsed = time.perf_counter() - t0
+    generated = sum(r.stats.generated_tokens for r in results)
+    line = f"{generated} tokens in {elapsed:.2f}s: {generated / elapsed:.1f} tokens/s"
+    if args.speculative:
+        drafted = sum(r.stats.draft_tokens for r in results)
+        accepted = sum(r.stats.accepted_draft_tokens for r in results)
+        line += f", draft acceptance {accepted / drafted:.0%} ({accepted}/{drafted})" if drafted else ", no drafts"
+    print(line, file=sys.stderr)
+    return 0

@@ -1,0 +1,59 @@
+"""Load a model for inference from whatever a user points at: one of our checkpoints, a run directory (its
+newest checkpoint) or a Hugging Face DeepSeek-V3/V2 directory, with its tokenizer.
+
+    from latentmoe import load
+    model, tokenizer = load("runs/demo")                 # or "hf-small", or "runs/demo/checkpoint-000200"
+    model, tokenizer = load("hf-small", device="auto", dtype=torch.bfloat16)
+
+The model is built on the meta device and materialised straight on the target device.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from latentmoe.checkpoint import TOKENIZER_FILE, CheckpointError, find_tokenizer, load_model, resolve_checkpoint
+from latentmoe.device import resolve_device
+from latentmoe.hf.errors import HFCheckpointError
+
+
+def check_vocabulary(tokenizer, vocab_size: int, source: Path) -> None:
+    """A tokenizer must not produce ids the model has no embedding for."""
+    inner = getattr(tokenizer, "tokenizer", tokenizer)
+    size = inner.get_vocab_size(with_added_tokens=True)
+    if size > vocab_size:
+        raise CheckpointError(
+            f"{source}: the tokenizer has {size} tokens but the model's vocab_size is {vocab_size}"
+        )
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+):
+    """``(model, tokenizer)`` from a checkpoint, run or Hugging Face directory (see the module docstring).
+
+    device: "auto" | "cpu" | "cuda[:N]" or a torch.device (default the host). dtype: parameter dtype (FP8
+    weights of an HF checkpoint are dequantised to it). Errors (missing files, corrupt weights, a tokenizer
+    larger than the vocabulary) are :class:`CheckpointError` / :class:`HFCheckpointError` naming the file."""
+    from latentmoe.hf import is_hf_checkpoint, load_pretrained, load_tokenizer
+
+    path = Path(path)
+    target = resolve_device(device) if device is not None else None
+    if is_hf_checkpoint(path):
+        tokenizer = load_tokenizer(path)
+        if tokenizer is None:
+            raise HFCheckpointError(f"no {TOKENIZER_FILE} in {path}")
+        model = load_pretrained(path, dtype=dtype, device=target)
+        check_vocabulary(tokenizer, model.config.vocab_size, path / TOKENIZER_FILE)
+        return model, tokenizer
+    ckpt = resolve_checkpoint(path)
+    tokenizer = find_tokenizer(ckpt)
+    model, _ = load_model(ckpt, device=target, dtype=dtype)
+    check_vocabulary(tokenizer, model.config.vocab_size, ckpt)
+    return model, tokenizer
