@@ -39,6 +39,15 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def memory_size(text: str) -> int:
+    from latentmoe.infer.cache_budget import parse_memory_size
+
+    try:
+        return parse_memory_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def add_train_options(p: argparse.ArgumentParser, *, steps: int, batch_size: int, seq_len: int) -> None:
     p.add_argument("--steps", type=positive_int, default=steps, help="total optimizer steps (default %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=batch_size, help="sequences per step")
@@ -130,7 +139,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_generation(args.checkpoint)
     eos = model.config.eos_token_id
     params = dataclasses.replace(params, stop_token_ids=() if eos is None else (eos,))
-    engine = Engine(model, tokenizer, cache_dtype=args.cache_dtype, max_batch=max(1, min(len(prompts), 16)))
+    engine = Engine(model, tokenizer, cache_dtype=args.cache_dtype, max_batch=max(1, min(len(prompts), 16)),
+                    cache_memory_bytes=args.cache_memory)
+    for prompt in prompts:  # bad input fails here, before anything is printed
+        engine.new_request(prompt, params, speculative=args.speculative)
+    print(f"cache: {engine.pool.describe()}", file=sys.stderr)
     t0 = time.perf_counter()
     if args.stream:
         print(args.prompt, end="", flush=True)
@@ -231,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (with --prompt)")
     p.add_argument("--cache-dtype", choices=("fp32", "bf16", "fp8"), default=None,
                    help="latent KV cache dtype (default: the model's)")
+    p.add_argument("--cache-memory", type=memory_size, default=None,
+                   help="cache pool budget, e.g. 2GiB, 512MiB, 1.5GB (default: a quarter of the available memory, "
+                   "at most what the batch can use)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("convert", help="convert between the Hugging Face layout and latentmoe checkpoints",
