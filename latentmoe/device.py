@@ -22,16 +22,20 @@ KIB = 1024  # /proc/meminfo counts in kB, which there means KiB
 
 def resolve_device(spec: str | torch.device | None = AUTO) -> torch.device:
     """``"auto"`` (or None): the first CUDA device when one is available, else the CPU; ``"cpu"``,
-    ``"cuda"``, ``"cuda:N"`` or a ``torch.device`` as given. A CUDA spec without a usable CUDA device, or an
-    unknown spec, is a ValueError naming ``device``."""
+    ``"cuda"`` or ``"cuda:N"`` as written. A ``torch.device`` passes through (a CUDA one gets its index and
+    is checked like a string; any other kind, such as meta, is taken as given). A CUDA spec without a
+    usable CUDA device, or an unknown string, is a ValueError naming ``device``."""
     if spec is None or spec == AUTO:
         return torch.device(CUDA, 0) if torch.cuda.is_available() else torch.device(CPU)
-    try:
-        device = spec if isinstance(spec, torch.device) else torch.device(spec)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}") from exc
-    if device.type not in (CPU, CUDA):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    if isinstance(spec, torch.device):
+        device = spec
+    else:
+        try:
+            device = torch.device(spec)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}") from exc
+        if device.type not in (CPU, CUDA):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}")
     if device.type == CUDA:
         if not torch.cuda.is_available():
             raise ValueError(f"device: {spec!r} asked for CUDA, but torch sees no CUDA device")

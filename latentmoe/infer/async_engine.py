@@ -114,8 +114,9 @@ class RequestHandle:
     cancels it. Made by :meth:`AsyncEngine.submit`.
     """
 
-    def __init__(self, request_id: int, owner: AsyncEngine):
-        self.request_id = request_id
+    def __init__(self, request: Request, owner: AsyncEngine):
+        self.request_id = request.request_id
+        self.prompt_token_ids = list(request.prompt_ids)  # as the model sees it (BOS included)
         self._owner = owner
         self._cond = threading.Condition()
         self._items: deque[RequestOutput | _Failure] = deque()
@@ -285,7 +286,7 @@ class AsyncEngine:
         request = self.engine.new_request(prompt, params, speculative=speculative)  # encodes on this thread
         with self._cond:
             self._check_open()
-            handle = RequestHandle(request.request_id, self)
+            handle = RequestHandle(request, self)
             self._handles[request.request_id] = handle
             self._inbox.append(request)
             self._cond.notify_all()

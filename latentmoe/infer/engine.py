@@ -133,6 +133,7 @@ class Engine:
         mtp_cache: give the MTP modules cache layers (needed for speculative decoding).
         device: where the engine computes and keeps its cache ("auto", "cpu", "cuda[:N]" or a torch.device);
             default the model's device. A model elsewhere is moved there (in place, as ``Module.to``).
+        runner_cls: the model runner; a subclass replacing ``decode`` (a compiled step) plugs in here.
         clock: time source for statistics.
     """
 
@@ -150,6 +151,7 @@ class Engine:
         attention: str = "auto",
         mtp_cache: bool = True,
         device: str | torch.device | None = None,
+        runner_cls: type[ModelRunner] = ModelRunner,
         clock: Callable[[], float] = time.perf_counter,
     ):
         if max_batch < 1:
@@ -197,7 +199,7 @@ class Engine:
             device=self.device,
         )
         self.scheduler = Scheduler(self.cache, max_batch=max_batch)
-        self.runner = ModelRunner(self.model, self.cache, device=self.device, attention=attention)
+        self.runner = runner_cls(self.model, self.cache, device=self.device, attention=attention)
         self.output = OutputProcessor(tokenizer, clock)
         self.stats = EngineStats()
         self._ids = itertools.count()
@@ -210,7 +212,7 @@ class Engine:
         weight = model.lm_head.weight
         if device is None:
             return weight.device
-        target = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        target = resolve_device(device)
         if weight.device != target:
             if weight.is_meta:
                 raise ValueError(f"device: the model is on the meta device (no weights); it cannot run on {target}")

@@ -45,9 +45,10 @@ def test_the_literal_scan_finds_a_device_literal(tmp_path):
 def test_resolve_device_by_hand():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert resolve_device(torch.device("meta")) == torch.device("meta")  # a torch.device passes through
     expected_auto = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     assert resolve_device("auto") == expected_auto and resolve_device(None) == expected_auto
-    for bad in ("tpu", "gpu", "cuda:x", ""):
+    for bad in ("tpu", "gpu", "cuda:x", "", "meta"):
         with pytest.raises(ValueError, match="device"):
             resolve_device(bad)
 
