@@ -157,6 +157,8 @@ class RequestHandle:
         item = self._items.popleft()
         if isinstance(item, _Failure):
             self._items.appendleft(item)  # every later read fails the same way
+            if isinstance(item.error, EngineClosedError):
+                raise EngineClosedError(str(item.error))
             raise EngineDeadError(f"the engine loop stopped: {type(item.error).__name__}: {item.error}") \
                 from item.error
         if item.finished:
