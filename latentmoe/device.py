@@ -77,3 +77,27 @@ def set_current(device: torch.device) -> None:
     """Make ``device`` the current CUDA device (NCCL collectives and ``torch.cuda`` calls use it); no-op on CPU."""
     if is_cuda(device):
         torch.cuda.set_device(device)
+
+
+MEMINFO = "/proc/meminfo"
+MEMINFO_AVAILABLE = "MemAvailable:"
+MEMINFO_UNIT = 1024  # /proc/meminfo counts in kB, which there means KiB
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Memory a new allocation on ``device`` can use now: free CUDA memory for a CUDA device; for anything else
+    (the CPU, and the meta device, whose stand-in for real memory is the host's) the host's available RAM —
+    ``MemAvailable`` from /proc/meminfo, or free physical pages where that file does not exist."""
+    import os
+
+    if is_cuda(device):
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open(MEMINFO, encoding="ascii") as f:
+            for line in f:
+                if line.startswith(MEMINFO_AVAILABLE):
+                    return int(line.split()[1]) * MEMINFO_UNIT
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -53,6 +53,7 @@ TEMP_PREFIX = ".latentmoe-tmp-"
 OWNER_FILE = ".latentmoe.json"
 OWNER_FORMAT = 1
 ERROR_TEXT_LIMIT = 300
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 # Temporaries written by latentmoe before the .latentmoe-tmp- prefix existed (0.1.0): same role, old names.
 _LEGACY_TEMP = re.compile(r"^\.checkpoint-\d+\.(tmp|old)-[A-Za-z0-9_]+$")
 
@@ -62,32 +63,27 @@ class DestinationError(ValueError):
 
 
 def parse_size(size: int | str, *, what: str = "size") -> int:
-    """Bytes from an int or a string like ``"5GB"``, ``"500MB"``, ``"2GiB"``, ``"1.5 GB"`` (decimal or binary)."""
+    """Bytes from an int or a string: a number and an optional unit — B, KB/MB/GB/TB (powers of 1000),
+    KiB/MiB/GiB/TiB (powers of 1024), any case: ``"2GiB"``, ``"1.5GB"``, ``"500 MB"``, ``"4096"``. Anything else, or
+    a size under one byte, is a ValueError naming ``what``."""
     if isinstance(size, int) and not isinstance(size, bool):
         value = size
-    elif isinstance(size, str):
-        text = size.strip().upper().replace(" ", "")
-        unit = next((u for u in sorted(SIZE_UNITS, key=len, reverse=True) if text.endswith(u)), None)
-        number = text[: -len(unit)] if unit else text.rstrip("B")
-        try:
-            amount = float(number)
-        except ValueError:
-            raise ValueError(f"{what} {size!r} is not a size like 5GB, 500MB or 2GiB") from None
-        if not amount == amount or amount in (float("inf"), float("-inf")):
-            raise ValueError(f"{what} {size!r} is not a finite size")
-        value = int(amount * (SIZE_UNITS[unit] if unit else 1))
     else:
-        raise ValueError(f"{what} {size!r} is not a size like 5GB, 500MB or 2GiB")
+        match = _SIZE_RE.match(size) if isinstance(size, str) else None
+        unit = match.group(2).upper() if match else None
+        if match is None or (unit and unit.removesuffix("B") and unit not in SIZE_UNITS):
+            raise ValueError(f"{what} {size!r} is not a size like 2GiB, 512MiB, 1.5GB or 4096 (bytes)")
+        value = int(float(match.group(1)) * SIZE_UNITS.get(unit, 1))
     if value < 1:
-        raise ValueError(f"{what} must be positive, got {size!r}")
+        raise ValueError(f"{what} must be at least one byte, got {size!r}")
     return value
 
 
 def format_bytes(n: float) -> str:
-    """``1.50 GiB``-style text for a byte count (binary units, as memory is reported)."""
+    """``1.5 GiB``-style text for a byte count (binary units, as memory is reported)."""
     for unit, scale in (("TiB", 2**40), ("GiB", BYTES_PER_GIB), ("MiB", BYTES_PER_MIB), ("KiB", BYTES_PER_KIB)):
         if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
+            return f"{n / scale:.1f} {unit}"
     return f"{int(n)} B"
 
 

@@ -37,6 +37,24 @@ def test_collective_backend_follows_the_device():
     assert collective_backend(torch.device("cuda", 0)) == "nccl"
 
 
+def device_literals(path: Path) -> list[str]:
+    """String constants of a Python file that spell a device ("cpu", "cuda", "cuda:N"), with their lines."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if node.value in DEVICE_NAMES or node.value.startswith("cuda:"):
+                found.append(f"{node.lineno}: {node.value!r}")
+    return found
+
+
+def test_the_literal_scan_can_fail(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        'x = torch.device("cuda:1")\ny = "gpu"\nw = \'cpu\'  # "cuda" in a comment\n"""a cpu docstring"""\n'
+    )
+    assert sorted(device_literals(sample)) == ["1: 'cuda:1'", "3: 'cpu'"]
+
+
 def test_no_module_but_the_device_helper_spells_a_device_name():
     """Every "cpu" / "cuda" string constant in the package lives in latentmoe/device.py (docstrings may mention
     them; a literal used as a value may not)."""
@@ -44,9 +62,5 @@ def test_no_module_but_the_device_helper_spells_a_device_name():
     for path in sorted(PACKAGE.rglob("*.py")):
         if path.name == "device.py" and path.parent == PACKAGE:
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                text = node.value
-                if text in DEVICE_NAMES or text.startswith("cuda:"):
-                    offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {text!r}")
+        offenders += [f"{path.relative_to(PACKAGE.parent)}:{hit}" for hit in device_literals(path)]
     assert offenders == []

@@ -33,8 +33,20 @@ def add_parser(sub) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (with --prompt)")
     p.add_argument("--cache-dtype", choices=("fp32", "bf16", "fp8"), default=None,
                    help="latent KV cache dtype (default: the model's)")
+    p.add_argument("--cache-memory", type=memory_size, default=None,
+                   help="cache pool budget, e.g. 2GiB, 512MiB, 1.5GB (default: a quarter of the available memory, "
+                   "at most what the batch can use)")
     add_device_option(p)
     p.set_defaults(func=run)
+
+
+def memory_size(text: str) -> int:
+    from latentmoe.io import parse_size
+
+    try:
+        return parse_size(text, what="memory size")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def utf8_text(text: str, what: str) -> str:
@@ -73,7 +85,11 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load(args.checkpoint, device=args.device)
     eos = model.config.eos_token_id
     params = dataclasses.replace(params, stop_token_ids=() if eos is None else (eos,))
-    engine = Engine(model, tokenizer, cache_dtype=args.cache_dtype, max_batch=max(1, min(len(prompts), MAX_BATCH)))
+    engine = Engine(model, tokenizer, cache_dtype=args.cache_dtype, max_batch=max(1, min(len(prompts), MAX_BATCH)),
+                    cache_memory_bytes=args.cache_memory)
+    for prompt in prompts:  # bad input fails here, before anything is printed
+        engine.new_request(prompt, params, speculative=args.speculative)
+    print(f"cache: {engine.pool.describe()}", file=sys.stderr)
     t0 = time.perf_counter()
     if args.stream:
         print(args.prompt, end="", flush=True)

@@ -49,6 +49,24 @@ def resolve_cache_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return dtype
 
 
+def latent_bytes_per_token(config: ModelConfig, *, num_layers: int, dtype: str | torch.dtype) -> int:
+    """Bytes one token of one sequence takes in a cache of ``num_layers`` layers, from the formula (before
+    anything is allocated): layers × ((kv_lora_rank + qk_rope_head_dim) × element size [+ the FP8 scale])."""
+    dtype = resolve_cache_dtype(dtype)
+    per_layer = (config.kv_lora_rank + config.qk_rope_head_dim) * dtype.itemsize
+    if dtype == FP8_DTYPE:
+        per_layer += FP8_SCALE_DTYPE.itemsize
+    return num_layers * per_layer
+
+
+def contiguous_start(block_ids: list[int]) -> int | None:
+    """The first id when ``block_ids`` are consecutive (``[7, 8, 9]`` → 7), else None (pure; host-side, so
+    the check costs no device synchronisation)."""
+    if block_ids and block_ids == list(range(block_ids[0], block_ids[0] + len(block_ids))):
+        return block_ids[0]
+    return None
+
+
 def quantize_fp8_rows(x_NX: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """E4M3 rows with one fp32 scale per row: ``x ≈ q * scale``, scale = absmax / 448.
 
@@ -196,14 +214,17 @@ class PagedLatentCache:
         else:
             flat[slots_N] = rows_NX.to(self.dtype)
 
-    def load(self, layer: int, block_table_BN: torch.Tensor) -> torch.Tensor:
-        """The rows of the blocks in ``block_table_BN``, as ``[B, N·block_size, X]`` in the compute dtype."""
+    def load(self, layer: int, block_table_BN: torch.Tensor, *, first_block: int | None = None) -> torch.Tensor:
+        """The rows of the blocks in ``block_table_BN``, as ``[B, N·block_size, X]`` in the compute dtype.
+
+        ``first_block``: set when the table is one row of consecutive blocks starting there
+        (:func:`contiguous_start`); those rows are then sliced, not gathered.
+        """
         B, N = block_table_BN.shape
         pool_NbX = self.pool_LNbX[layer]
-        first = int(block_table_BN[0, 0])
-        if B == 1 and N and bool((block_table_BN[0] == torch.arange(first, first + N)).all()):
-            rows = pool_NbX[first : first + N].reshape(1, N * self.block_size, self.width)  # a view, no copy
-            scale = self.scale_LNb[layer, first : first + N].reshape(1, -1) if self.is_fp8 else None
+        if B == 1 and N and first_block is not None:
+            rows = pool_NbX[first_block : first_block + N].reshape(1, N * self.block_size, self.width)  # a view
+            scale = self.scale_LNb[layer, first_block : first_block + N].reshape(1, -1) if self.is_fp8 else None
         else:  # index_select: ~4x faster than advanced indexing for this gather on CPU
             flat_blocks = block_table_BN.flatten()
             rows = pool_NbX.index_select(0, flat_blocks).view(B, N * self.block_size, self.width)
@@ -214,8 +235,9 @@ class PagedLatentCache:
 
     def read(self, layer: int, seq_id: object, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(kv_latent [T, C], k_rope [T, R])`` of one sequence's first ``num_tokens`` positions."""
-        table = torch.tensor([self.block_tables[seq_id][: self.blocks_for(num_tokens)]], dtype=torch.long)
-        rows_TX = self.load(layer, table)[0, :num_tokens]
+        blocks = self.block_tables[seq_id][: self.blocks_for(num_tokens)]
+        table = torch.tensor([blocks], dtype=torch.long, device=self.pool_LNbX.device)
+        rows_TX = self.load(layer, table, first_block=contiguous_start(blocks))[0, :num_tokens]
         return rows_TX[:, : self.kv_lora_rank], rows_TX[:, self.kv_lora_rank :]
 
     def view(self, seq_ids: list[object], start_pos_B: torch.Tensor, num_new: int) -> PagedCacheView:
@@ -241,11 +263,10 @@ class PagedCacheView:
             if len(table) < cache.blocks_for(start + num_new):
                 raise ValueError(f"a block table of {len(table)} blocks does not cover position "
                                  f"{start + num_new - 1}; call ensure() first")
-        table_BN = torch.zeros(len(block_tables), n_blocks, dtype=torch.long)
-        for b, table in enumerate(block_tables):
-            row = table[:n_blocks]
-            table_BN[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-        self.block_table_BN = table_BN.to(start_pos_B.device)
+        rows = [table[:n_blocks] + [0] * (n_blocks - len(table[:n_blocks])) for table in block_tables]
+        self.first_block = contiguous_start(rows[0]) if len(rows) == 1 else None
+        # built on the host and copied once: the tables are Python lists
+        self.block_table_BN = torch.tensor(rows, dtype=torch.long).to(start_pos_B.device)
         positions_BS = start_pos_B[:, None] + torch.arange(num_new, device=start_pos_B.device)[None, :]
         blocks_BS = self.block_table_BN.gather(1, positions_BS // bs)
         self.slots_N = (blocks_BS * bs + positions_BS % bs).flatten()
@@ -257,6 +278,6 @@ class PagedCacheView:
             raise ValueError("start_pos must be the tensor this view was made for")
         rows_NX = torch.cat([kv_latent_BSC, k_rope_BSR.to(kv_latent_BSC.dtype)], dim=-1).flatten(0, 1)
         self.cache.store(layer, self.slots_N, rows_NX)
-        rows_BTX = self.cache.load(layer, self.block_table_BN)[:, : self.length]
+        rows_BTX = self.cache.load(layer, self.block_table_BN, first_block=self.first_block)[:, : self.length]
         C = self.cache.kv_lora_rank
         return rows_BTX[..., :C], rows_BTX[..., C:]

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from latentmoe.device import HOST
 from latentmoe.limits import bounds, check_fields
 
 MAX_TOKENS = 2**31 - 1
@@ -55,10 +54,12 @@ class SamplingParams:
         return self.temperature == 0
 
     def make_generator(self, device: torch.device | str | None = None) -> torch.Generator | None:
-        """A generator seeded with ``seed`` (None: draws come from torch's global generator)."""
+        """A generator on ``device`` (default: torch's default device) seeded with ``seed``; None without a
+        seed (draws then come from torch's global generator)."""
         if self.seed is None:
             return None
-        return torch.Generator(device=device or HOST).manual_seed(self.seed)
+        generator = torch.Generator() if device is None else torch.Generator(device=device)
+        return generator.manual_seed(self.seed)
 
 
 def filter_logits(logits_BV: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

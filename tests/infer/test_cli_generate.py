@@ -50,6 +50,9 @@ def test_generate_batch_file_prints_one_block_per_prompt(run_dir, tmp_path, caps
         (["--prompt", "a", "--temperature", "-1"], "temperature"),
         (["--prompt", "", "--max-tokens", "3"], "prompt"),
         (["--batch-file", "x.txt", "--stream"], "--stream"),
+        (["--prompt", "a", "--cache-memory", "2XB"], "--cache-memory"),
+        (["--prompt", "a", "--cache-memory", "100"], "cache_memory_bytes"),
+        (["--prompt", "a", "--max-tokens", "200", "--cache-memory", "40KiB"], "cache pool holds 2 blocks"),
         ([], "--prompt"),
     ],
 )
@@ -61,3 +64,12 @@ def test_bad_generate_input_is_one_line(run_dir, capsys, args, message):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_generate_reports_the_cache_pool_it_sized_from_the_budget(run_dir, capsys):
+    """tiny: 3 cache layers (2 + 1 MTP) x (16 + 8) x 4 bytes x 64 tokens = 18432 bytes a block."""
+    code = main(["generate", "--checkpoint", str(run_dir), "--prompt", "ROMEO:", "--max-tokens", "4",
+                 "--cache-memory", "40KiB"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "cache: 2 blocks x 64 tokens = 128 tokens, 36.0 KiB" in err

@@ -1,0 +1,68 @@
+"""One request's state inside the engine, shared by the three units that work on it.
+
+The scheduler owns where a request is (waiting, running, its block reservation); the model runner owns
+what is cached for it (``num_cached``, the hidden-state tail, pending drafts); the output processor owns
+what it has produced (``output_ids``, its text, why it finished, its statistics). Each unit writes only
+its own fields; they live on one object so that a step does not copy state between them.
+
+A running request satisfies ``len(tokens) == num_cached + 1``: the newest token is sampled but not fed
+yet — the next forward feeds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from latentmoe.infer.output import RequestStats
+from latentmoe.infer.sampling import SamplingParams
+from latentmoe.infer.speculative import DraftPlan
+
+
+@dataclass(eq=False)
+class Request:
+    """A request from admission to its last token (identity comparison: two requests are never equal).
+
+    Set at creation: ``request_id``, ``prompt_ids``, ``params``, ``plan`` (None: plain decoding), the
+    request's own ``generator``, ``arrival`` (engine clock) and ``reserved_blocks`` (its worst case).
+    """
+
+    request_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    plan: DraftPlan | None
+    generator: torch.Generator | None
+    arrival: float
+    reserved_blocks: int
+    # output processor
+    tokens: list[int] = field(default_factory=list)  # prompt + output
+    output_ids: list[int] = field(default_factory=list)
+    first_token_time: float | None = None
+    text: str = ""
+    text_sent: int = 0
+    finish_reason: str | None = None
+    stats: RequestStats | None = None
+    # model runner
+    num_cached: int = 0
+    hidden_tail_PD: torch.Tensor | None = None  # main-model hidden at positions [n - P, n)
+    mtp_final: int = 0
+    drafts: list[int] = field(default_factory=list)
+    draft_probs_KV: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tokens:
+            self.tokens = list(self.prompt_ids)
+        if self.stats is None:
+            self.stats = RequestStats(prompt_tokens=len(self.prompt_ids))
+            if self.plan is not None:
+                self.stats.drafted_per_position = [0] * self.plan.num_draft_tokens
+                self.stats.accepted_per_position = [0] * self.plan.num_draft_tokens
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_tokens - len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
