@@ -39,6 +39,7 @@ offsets of every document's BOS, for a caller that wants a mask.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from collections import OrderedDict
 from functools import cached_property
@@ -86,7 +87,7 @@ class TokenDataset:
         }
         # ends[split][i]: one past the last token of shard i's region in the split's stream
         self._ends = {split: np.cumsum(n) for split, n in lengths.items()}
-        self._open: OrderedDict[int, np.memmap] = OrderedDict()
+        self._open: OrderedDict[int, np.ndarray] = OrderedDict()
 
     # ------------------------------------------------------------------ opening and checking
     @classmethod
@@ -165,17 +166,23 @@ class TokenDataset:
         return tokens_seen / self.train_tokens if self.train_tokens else 0.0
 
     # ------------------------------------------------------------------ raw reads
-    def _memmap(self, index: int) -> np.memmap:
-        mm = self._open.get(index)
-        if mm is None:
+    def _memmap(self, index: int) -> np.ndarray:
+        """Shard ``index`` as a read-only numpy view of a memory map (what ``numpy.memmap`` builds, plus
+        ``MADV_RANDOM``: a window faults in its own pages only, with no readahead around them)."""
+        view = self._open.get(index)
+        if view is None:
             record = self.records[index]
-            mm = np.memmap(self.path / record.file, dtype=self.dtype, mode="r", shape=(record.tokens,))
-            self._open[index] = mm
+            with open(self.path / record.file, "rb") as f:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+                mapped.madvise(mmap.MADV_RANDOM)
+            view = np.frombuffer(mapped, dtype=self.dtype, count=record.tokens)
+            self._open[index] = view
             if len(self._open) > MAX_OPEN_SHARDS:
-                self._open.popitem(last=False)  # the memmap closes when its last reference goes
+                self._open.popitem(last=False)  # the map is released with its last view
         else:
             self._open.move_to_end(index)
-        return mm
+        return view
 
     def read(self, split: str, start: int, stop: int) -> np.ndarray:
         """Tokens ``[start, stop)`` of the split's stream, a copy in the shards' dtype."""

@@ -65,11 +65,7 @@ from tokenizers import Tokenizer
 
 from latentmoe.data.corpus import DEFAULT_VAL_FRACTION, split_point
 from latentmoe.data.shards import (
-    DATASET_FORMAT as _FORMAT,
-)
-from latentmoe.data.shards import (
-    FORMAT_VERSION,
-    FRAMING,
+    DATASET_FORMAT,
     LOCK_NAME,
     MANIFEST_NAME,
     TOKENIZER_NAME,
@@ -81,6 +77,8 @@ from latentmoe.data.shards import (
     fsync_directory,
     is_our_temp_file,
     is_reserved_name,
+    make_manifest,
+    manifest_totals,
     read_manifest,
     token_dtype,
     write_manifest,
@@ -401,7 +399,7 @@ def inspect_destination(out_dir: Path) -> str:
             data = json.loads((out_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return "foreign"
-        return "ours" if isinstance(data, dict) and data.get("format") == _FORMAT else "foreign"
+        return "ours" if isinstance(data, dict) and data.get("format") == DATASET_FORMAT else "foreign"
     return "empty" if names <= {LOCK_NAME} else "foreign"
 
 
@@ -556,12 +554,17 @@ def prepare_data(
     state = inspect_destination(out)
     _check_destination(out, state, append=append, overwrite=overwrite)
     discovered = find_sources(inputs, glob=glob, exclude=[out])
+    parts_by_path = {
+        source.path: source_parts(source, target_bytes=shard_bytes, text_field=text_field) for source in discovered
+    }
+    if not any(parts_by_path.values()):
+        raise DataSourceError(f"{_describe(discovered)}: no text to prepare (every input is empty)")
     created = state == "missing"
     out.mkdir(parents=True, exist_ok=True)
     try:
         with _directory_lock(out, wait=wait_for_lock):
             return _prepare_locked(
-                out, discovered, settings=settings, tokenizer=tokenizer, vocab_size=vocab_size,
+                out, discovered, parts_by_path, settings=settings, tokenizer=tokenizer, vocab_size=vocab_size,
                 tokenizer_sample_bytes=tokenizer_sample_bytes, bos_token=bos_token, eos_token=eos_token,
                 encode_batch_bytes=encode_batch_bytes, workers=workers, append=append, overwrite=overwrite,
                 progress=progress,
@@ -592,7 +595,8 @@ def _check_destination(out: Path, state: str, *, append: bool, overwrite: bool) 
 
 
 def _prepare_locked(
-    out: Path, discovered: list[SourceFile], *, settings: dict[str, Any], tokenizer: Any, vocab_size: int | None,
+    out: Path, discovered: list[SourceFile], parts_by_path: dict[Path, list[SourcePart]], *,
+    settings: dict[str, Any], tokenizer: Any, vocab_size: int | None,
     tokenizer_sample_bytes: int, bos_token: str | None, eos_token: str | None, encode_batch_bytes: int,
     workers: int, append: bool, overwrite: bool, progress: ProgressFn | None,
 ) -> PrepareResult:
@@ -607,14 +611,12 @@ def _prepare_locked(
     _remove_temp_files(out)
 
     if manifest is None:
-        manifest = _new_manifest(discovered, settings)
-        if not manifest["units"]:
-            raise DataSourceError(f"{_describe(discovered)}: no text to prepare (every input is empty)")
+        manifest = _new_manifest(discovered, parts_by_path, settings)
         write_manifest(out, manifest)
     else:
         _check_settings(out, manifest, settings)
         if append:
-            _append_sources(out, manifest, discovered, settings)
+            _append_sources(out, manifest, discovered, parts_by_path, settings)
         else:
             _check_same_sources(out, manifest, discovered)
 
@@ -629,7 +631,7 @@ def _prepare_locked(
     _run_tasks(tasks, workers=workers, on_done=run.done, on_report=run.report)
 
     manifest["complete"] = True
-    manifest["totals"] = _totals(manifest)
+    manifest["totals"] = manifest_totals(manifest)
     write_manifest(out, manifest)
     totals = manifest["totals"]
     return PrepareResult(
@@ -659,29 +661,12 @@ def _same_run(manifest: dict[str, Any], discovered: list[SourceFile], settings: 
     return manifest.get("settings") == settings and (append or recorded == discovered)
 
 
-def _parts_for(sources: Sequence[SourceFile], first_source: int, settings: dict[str, Any]):
-    return [
-        (first_source + i, source_parts(s, target_bytes=settings["shard_bytes"], text_field=settings["text_field"]))
-        for i, s in enumerate(sources)
-    ]
-
-
-def _new_manifest(sources: list[SourceFile], settings: dict[str, Any]) -> dict[str, Any]:
-    units = plan_units(_parts_for(sources, 0, settings), shard_bytes=settings["shard_bytes"])
-    return {
-        "format": _FORMAT,
-        "format_version": FORMAT_VERSION,
-        "complete": False,
-        "tokenizer": None,
-        "dtype": None,
-        "framing": FRAMING,
-        "split": {"rule": settings["split"], "val_fraction": settings["val_fraction"]},
-        "settings": settings,
-        "sources": [{**s.to_json(), "group": 0} for s in sources],
-        "units": [u.to_json() for u in units],
-        "shards": [],
-        "totals": None,
-    }
+def _new_manifest(sources: list[SourceFile], parts_by_path: dict[Path, list[SourcePart]],
+                  settings: dict[str, Any]) -> dict[str, Any]:
+    parts = [(i, parts_by_path[s.path]) for i, s in enumerate(sources)]
+    units = plan_units(parts, shard_bytes=settings["shard_bytes"])
+    return make_manifest(settings=settings, sources=[{**s.to_json(), "group": 0} for s in sources],
+                         units=[u.to_json() for u in units])
 
 
 def _check_settings(out: Path, manifest: dict[str, Any], settings: dict[str, Any]) -> None:
@@ -712,7 +697,8 @@ def _check_same_sources(out: Path, manifest: dict[str, Any], discovered: list[So
             )
 
 
-def _append_sources(out: Path, manifest: dict[str, Any], discovered: list[SourceFile], settings: dict[str, Any]):
+def _append_sources(out: Path, manifest: dict[str, Any], discovered: list[SourceFile],
+                    parts_by_path: dict[Path, list[SourcePart]], settings: dict[str, Any]) -> None:
     recorded = {Path(s["path"]): SourceFile.from_json(s) for s in manifest["sources"]}
     new = []
     for source in discovered:
@@ -728,8 +714,8 @@ def _append_sources(out: Path, manifest: dict[str, Any], discovered: list[Source
         return
     first_source = len(manifest["sources"])
     group = 1 + max((int(s.get("group", 0)) for s in manifest["sources"]), default=-1)
-    units = plan_units(_parts_for(new, first_source, settings), shard_bytes=settings["shard_bytes"],
-                       first_index=len(manifest["units"]))
+    parts = [(first_source + i, parts_by_path[s.path]) for i, s in enumerate(new)]
+    units = plan_units(parts, shard_bytes=settings["shard_bytes"], first_index=len(manifest["units"]))
     if not units:
         raise DataSourceError(f"{_describe(new)}: no text to append (every new input is empty)")
     manifest["sources"] += [{**s.to_json(), "group": group} for s in new]
@@ -860,14 +846,6 @@ def _pending_tasks(out: Path, manifest: dict[str, Any], resolved: ResolvedTokeni
             val_fraction=settings["val_fraction"], encode_batch_bytes=encode_batch_bytes,
         ))
     return tasks
-
-
-def _totals(manifest: dict[str, Any]) -> dict[str, int]:
-    keys = ("tokens", "train_tokens", "val_tokens", "train_documents", "val_documents", "text_bytes", "bytes")
-    totals = {k: sum(int(r[k]) for r in manifest["shards"]) for k in keys}
-    totals["shards"] = len(manifest["shards"])
-    totals["source_bytes"] = sum(int(s["bytes"]) for s in manifest["sources"])
-    return totals
 
 
 # ------------------------------------------------------------------------------------------------ shipped corpus

@@ -196,24 +196,34 @@ class ShardWriter:
 
     def add(self, ids_lists: Sequence[Sequence[int]], *, split: str, text_bytes: int = 0) -> None:
         """Append documents (each a sequence of ids) to ``split`` ("train" or "val")."""
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        self.text_bytes += text_bytes
         if not ids_lists:
+            self.text_bytes += text_bytes
             return
         tokens, starts = frame_documents(ids_lists, bos_id=self.bos_id, eos_id=self.eos_id, dtype=self.dtype)
-        if tokens.size:
-            self._max_id = max(self._max_id, int(tokens.max()))
+        self.add_framed(tokens, starts, split=split, text_bytes=text_bytes)
+
+    def add_framed(self, tokens_N: np.ndarray, starts_D: np.ndarray, *, split: str, text_bytes: int = 0) -> None:
+        """Append documents already framed and concatenated: ``tokens_N`` (the shard's dtype) with each
+        document's BOS at ``starts_D`` (offsets into ``tokens_N``, increasing, ``starts_D[0] == 0``)."""
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        tokens_N = np.ascontiguousarray(tokens_N, dtype=self.dtype)
+        starts_D = np.asarray(starts_D, dtype=np.int64)
+        if tokens_N.size and (starts_D.size == 0 or starts_D[0] != 0 or np.any(tokens_N[starts_D] != self.bos_id)):
+            raise ValueError("starts_D must point at the BOS of every document, the first at 0")
+        self.text_bytes += text_bytes
+        if tokens_N.size:
+            self._max_id = max(self._max_id, int(tokens_N.max()))
         if split == "train":
-            self._train_starts.append(starts + self._train_tokens)
-            data = tokens.tobytes()
+            self._train_starts.append(starts_D + self._train_tokens)
+            data = tokens_N.tobytes()
             self._file.write(data)
             self._hash.update(data)
-            self._train_tokens += tokens.size
+            self._train_tokens += tokens_N.size
         else:
-            self._val_starts.append(starts + self._val_tokens)
-            self._val_chunks.append(tokens)
-            self._val_tokens += tokens.size
+            self._val_starts.append(starts_D + self._val_tokens)
+            self._val_chunks.append(tokens_N)
+            self._val_tokens += tokens_N.size
 
     def commit(self) -> ShardRecord:
         """Write the validation region, fsync, rename both files into place; return the record."""
@@ -290,6 +300,44 @@ def is_dataset_dir(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and data.get("format") == DATASET_FORMAT
+
+
+def make_manifest(
+    *,
+    settings: dict[str, Any],
+    sources: Sequence[dict[str, Any]] = (),
+    units: Sequence[dict[str, Any]] = (),
+    shards: Sequence[ShardRecord] = (),
+    tokenizer: dict[str, Any] | None = None,
+    complete: bool = False,
+) -> dict[str, Any]:
+    """A manifest in the layout of the module docstring; ``totals`` are filled in when ``complete``."""
+    manifest = {
+        "format": DATASET_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "complete": complete,
+        "tokenizer": tokenizer,
+        "dtype": None if tokenizer is None else token_dtype(tokenizer["vocab_size"]),
+        "framing": FRAMING,
+        "split": {"rule": settings.get("split"), "val_fraction": settings.get("val_fraction")},
+        "settings": dict(settings),
+        "sources": list(sources),
+        "units": list(units),
+        "shards": [r.to_json() for r in shards],
+        "totals": None,
+    }
+    if complete:
+        manifest["totals"] = manifest_totals(manifest)
+    return manifest
+
+
+def manifest_totals(manifest: dict[str, Any]) -> dict[str, int]:
+    """Sums over the recorded shards (tokens include BOS/EOS) and the sources' bytes."""
+    keys = ("tokens", "train_tokens", "val_tokens", "train_documents", "val_documents", "text_bytes", "bytes")
+    totals = {k: sum(int(r[k]) for r in manifest["shards"]) for k in keys}
+    totals["shards"] = len(manifest["shards"])
+    totals["source_bytes"] = sum(int(s["bytes"]) for s in manifest["sources"])
+    return totals
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any]:
