@@ -259,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ep_report_subcommand(sub)
 
+    from latentmoe.data.command import add_prepare_data_subcommand
+
+    add_prepare_data_subcommand(sub)
+
     try:
         from latentmoe.plan.command import add_plan_subcommand
     except ImportError:  # the planner is optional at this stage of the package

@@ -553,6 +553,11 @@ def prepare_data(
     # Everything that can fail on bad input happens before the destination is touched.
     state = inspect_destination(out)
     _check_destination(out, state, append=append, overwrite=overwrite)
+    if tokenizer is None and (state != "ours" or overwrite):
+        raise ValueError(
+            "no tokenizer: pass tokenizer='train' with vocab_size (--tokenizer train --vocab-size N) or a "
+            "tokenizer.json"
+        )
     discovered = find_sources(inputs, glob=glob, exclude=[out])
     parts_by_path = {
         source.path: source_parts(source, target_bytes=shard_bytes, text_field=text_field) for source in discovered
@@ -739,7 +744,10 @@ def _resolve_tokenizer(out: Path, manifest: dict[str, Any], spec: Any, *, vocab_
                               bos_token=bos_token, eos_token=eos_token)
         return existing
     if spec is None:
-        raise ValueError("no tokenizer: pass tokenizer='train' (with vocab_size) or a tokenizer.json")
+        raise ValueError(
+            "no tokenizer: pass tokenizer='train' with vocab_size (--tokenizer train --vocab-size N) or a "
+            "tokenizer.json"
+        )
     if _is_train(spec):
         texts = _tokenizer_sample(manifest, sample_bytes)
         if not texts:
