@@ -15,9 +15,11 @@ What one run does
    tokenizer: ``bos_token``/``eos_token``, else those of a ``tokenizer_config.json`` beside it, else
    ``<|bos|>``/``<|eos|>``.
 3. **Tokenise every unit** — in this process (``workers=1``) or in a pool of ``workers`` processes
-   (``spawn``; each loads the tokenizer file) — each document framed ``BOS ids EOS`` exactly as
-   :func:`~latentmoe.data.batching.encode_documents` does, into the shard files; after each shard the
-   manifest is replaced atomically with the shard recorded.
+   (``spawn``: each imports this module and the caller's main script, which should therefore be
+   light and guarded by ``if __name__ == "__main__"``; each loads the tokenizer file) — each
+   document framed ``BOS ids EOS`` exactly as :func:`~latentmoe.data.batching.encode_documents`
+   does, into the shard files; after each shard the manifest is replaced atomically with the shard
+   recorded.
 
 Validation split (deterministic, stated)
 ----------------------------------------
