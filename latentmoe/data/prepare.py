@@ -885,9 +885,10 @@ def prepare_shipped_corpus(
     splits = load_corpus()
     tokenizer = load_or_train_tokenizer(vocab_size, cache_dir, splits=splits)
     out = shipped_corpus_dir(cache_dir, vocab_size, tokenizer, splits.digest)
-    manifest_file = out / MANIFEST_NAME
-    if manifest_file.is_file() and json.loads(manifest_file.read_text(encoding="utf-8")).get("complete"):
+    try:
         return TokenDataset.open(out)
+    except DatasetError:
+        pass  # not there, unfinished or damaged: prepare (a re-run redoes only what is missing)
     with resources.as_file(resources.files(CORPUS_PACKAGE).joinpath(CORPUS_DIR)) as corpus_dir:
         prepare_data(
             [corpus_dir], out, tokenizer=tokenizer, glob=SHIPPED_CORPUS_GLOB, split="tail",

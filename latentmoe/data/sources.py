@@ -16,11 +16,12 @@ hf-dataset    a directory with ``state.json`` or  the ``text_field`` value of on
 
 :func:`find_sources` turns input paths into :class:`SourceFile` records: a file is one source; a
 directory is searched recursively with ``glob`` (default ``**/*``), in sorted order, skipping hidden
-entries (names starting with ``.``) and directories listed in ``exclude`` (the output of a run); a
-saved dataset found inside it is one source. :func:`read_documents` yields the documents of one
-source, or of a range of it (:func:`source_parts` cuts a large file into ranges so that several
-processes can tokenise it: byte ranges at line starts for JSON Lines, row groups for Parquet, rows
-for a saved dataset; a text file is never cut, it is one document).
+entries (names starting with ``.``), directories listed in ``exclude`` (the output of a run) and
+datasets prepared by latentmoe; a saved Hugging Face dataset found inside it is one source.
+:func:`read_documents` yields the documents of one source, or of a range of it
+(:func:`source_parts` cuts a large file into ranges so that several processes can tokenise it:
+byte ranges at line starts for JSON Lines, row groups for Parquet, rows for a saved dataset; a text
+file is never cut, it is one document).
 
 Empty texts and null values are skipped (they add no tokens). Text is decoded as UTF-8; bytes that
 are not UTF-8 raise :class:`DataSourceError` naming the file and the byte offset, unless
@@ -138,6 +139,11 @@ def _hidden(relative: Path) -> bool:
 
 
 def _search_directory(root: Path, glob: str, exclude: Sequence[Path]) -> list[tuple[Path, str]]:
+    from latentmoe.data.shards import MANIFEST_NAME, is_dataset_dir
+
+    # Datasets prepared here are outputs, never inputs (a run writing into a folder it reads, say).
+    exclude = [*exclude, *(m.parent for m in root.rglob(MANIFEST_NAME) if is_dataset_dir(m.parent))]
+
     def excluded(path: Path) -> bool:
         return any(path == e or e in path.parents for e in exclude)
 
@@ -191,13 +197,15 @@ def find_sources(
 
 
 # ------------------------------------------------------------------------------------------------ decoding
-def decode_utf8(data: bytes, *, path: Path, base_offset: int, encoding_errors: str) -> str:
-    """``data`` as text; a strict decoding error names ``path`` and the file offset of the bad byte."""
+def decode_utf8(data: bytes, *, path: Path, base_offset: int, encoding_errors: str, row: int | None = None) -> str:
+    """``data`` as text; a strict decoding error names ``path`` and the offset of the bad byte (in the
+    file, or in the value of ``row`` for a binary column)."""
     try:
         return data.decode("utf-8", errors=encoding_errors)
     except UnicodeDecodeError as exc:
+        where = f"byte offset {base_offset + exc.start}" if row is None else f"row {row}, byte {exc.start} of the value"
         raise DataSourceError(
-            f"{path}: not UTF-8 at byte offset {base_offset + exc.start} (byte 0x{data[exc.start]:02x}); "
+            f"{path}: not UTF-8 at {where} (byte 0x{data[exc.start]:02x}); "
             "pass encoding_errors='replace' (--encoding-errors replace) to substitute U+FFFD"
         ) from None
 
@@ -358,7 +366,7 @@ def _read_parquet(
             ) from None
         for value in values:
             if isinstance(value, bytes):
-                value = decode_utf8(value, path=source.path, base_offset=0, encoding_errors=encoding_errors)
+                value = decode_utf8(value, path=source.path, base_offset=0, encoding_errors=encoding_errors, row=row)
             if value:
                 yield Document(source=source.path, position=row, text=value)
             row += 1
@@ -409,7 +417,9 @@ def _read_hf(source: SourceFile, text_field: str, encoding_errors: str, start: i
             for batch in rows.iter(batch_size=HF_READ_BATCH_ROWS):
                 for value in batch[text_field]:
                     if isinstance(value, bytes):
-                        value = decode_utf8(value, path=source.path, base_offset=0, encoding_errors=encoding_errors)
+                        value = decode_utf8(
+                            value, path=source.path, base_offset=0, encoding_errors=encoding_errors, row=row
+                        )
                     elif value is not None and not isinstance(value, str):
                         raise DataSourceError(
                             f"{source.path}: row {row}: column {text_field!r} holds {type(value).__name__}, not text"

@@ -46,6 +46,11 @@ def test_a_directory_is_searched_recursively_sorted_with_formats_by_suffix(docum
     sources = find_sources([root])
     assert [s.format for s in sources] == ["text"] * 3 + ["jsonl", "parquet", "hf-dataset"]
     assert texts([root]) == documents[:10]
+    # A dataset prepared by latentmoe inside the folder is an output, never read as input.
+    (root / "prepared").mkdir()
+    (root / "prepared" / "manifest.json").write_text('{"format": "latentmoe-token-dataset"}')
+    (root / "prepared" / "shard-00000.tokens").write_bytes(b"\xff\xfe")
+    assert texts([root]) == documents[:10]
     only_txt = find_sources([root], glob="**/*.txt")
     assert [s.format for s in only_txt] == ["text"] * 3 + ["hf-dataset"]  # a saved dataset is always found
 
@@ -59,6 +64,18 @@ def test_a_saved_dataset_dict_reads_every_split_in_saved_order(documents, tmp_pa
         str(tmp_path / "dd")
     )
     assert texts([tmp_path / "dd"]) == documents[:6]
+
+
+def test_non_utf8_binary_column_names_the_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"text": pa.array([b"fine", b"caf\xe9"], type=pa.binary())}), path)
+    with pytest.raises(DataSourceError) as excinfo:
+        texts([path])
+    assert "row 1, byte 3 of the value" in one_line_error(excinfo, starts_with=path)
+    assert texts([path], encoding_errors="replace") == ["fine", "caf\ufffd"]
 
 
 def test_empty_texts_and_nulls_are_skipped(tmp_path):
