@@ -545,6 +545,7 @@ def prepare_data(
     :class:`~latentmoe.data.shards.DatasetError` for a destination or dataset that does not fit the
     request (both ``ValueError``, one line each); nothing outside our own files is touched.
     """
+    started = time.perf_counter()
     _check_args(vocab_size=vocab_size, tokenizer=tokenizer, workers=workers, shard_bytes=shard_bytes,
                 encode_batch_bytes=encode_batch_bytes, val_fraction=val_fraction, split=split,
                 encoding_errors=encoding_errors, tokenizer_sample_bytes=tokenizer_sample_bytes, append=append,
@@ -574,7 +575,7 @@ def prepare_data(
                 out, discovered, parts_by_path, settings=settings, tokenizer=tokenizer, vocab_size=vocab_size,
                 tokenizer_sample_bytes=tokenizer_sample_bytes, bos_token=bos_token, eos_token=eos_token,
                 encode_batch_bytes=encode_batch_bytes, workers=workers, append=append, overwrite=overwrite,
-                progress=progress,
+                progress=progress, started=started,
             )
     except BaseException:
         if created and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
@@ -605,9 +606,8 @@ def _prepare_locked(
     out: Path, discovered: list[SourceFile], parts_by_path: dict[Path, list[SourcePart]], *,
     settings: dict[str, Any], tokenizer: Any, vocab_size: int | None,
     tokenizer_sample_bytes: int, bos_token: str | None, eos_token: str | None, encode_batch_bytes: int,
-    workers: int, append: bool, overwrite: bool, progress: ProgressFn | None,
+    workers: int, append: bool, overwrite: bool, progress: ProgressFn | None, started: float,
 ) -> PrepareResult:
-    started = time.perf_counter()
     state = inspect_destination(out)  # again, now that we hold the lock
     manifest = read_manifest(out) if state == "ours" else None
     # Replace our own dataset when asked to, or when it is another run's with no shard written yet.
@@ -634,6 +634,9 @@ def _prepare_locked(
     run = _Run(out_dir=out, manifest=manifest, progress=progress, started=started)
     tasks = _pending_tasks(out, manifest, resolved, encode_batch_bytes)
     skipped = len(manifest["units"]) - len(tasks)
+    if tasks and manifest["complete"]:  # a shard of a finished dataset went missing or was truncated
+        manifest["complete"], manifest["totals"] = False, None
+        write_manifest(out, manifest)
     run.bytes_done = sum(manifest["units"][i]["bytes"] for i in run.records())
     _run_tasks(tasks, workers=workers, on_done=run.done, on_report=run.report)
 
