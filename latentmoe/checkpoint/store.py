@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from latentmoe.checkpoint.layout import (
@@ -52,6 +51,7 @@ from latentmoe.checkpoint.tensors import (
     model_tensors,
     read_safetensors,
     unflatten_optimizer_state,
+    write_safetensors,
 )
 from latentmoe.config import ConfigError, ModelConfig
 from latentmoe.io import (
@@ -91,10 +91,10 @@ def write_main_files(
     optimizer_metadata: dict[str, str] | None = None,
 ) -> None:
     """``model.safetensors``, ``config.json`` and (with optimizer tensors) ``optimizer.safetensors`` into ``tmp``."""
-    save_file(tensors, str(tmp / MODEL_FILE), metadata=SAFETENSORS_METADATA)
+    write_safetensors(tensors, tmp / MODEL_FILE, metadata=SAFETENSORS_METADATA)
     config.to_json(tmp / CONFIG_FILE)
     if optimizer_tensors is not None:
-        save_file(optimizer_tensors, str(tmp / OPTIMIZER_FILE), metadata=optimizer_metadata or {})
+        write_safetensors(optimizer_tensors, tmp / OPTIMIZER_FILE, metadata=optimizer_metadata or {})
 
 
 def write_expert_shard(
@@ -106,10 +106,10 @@ def write_expert_shard(
     optimizer_tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """EP rank ``rank`` of ``size``'s expert slices (and their AdamW moments) into ``tmp``."""
-    save_file(tensors, str(tmp / expert_shard_name("model", rank, size)), metadata=SAFETENSORS_METADATA)
+    write_safetensors(tensors, tmp / expert_shard_name("model", rank, size), metadata=SAFETENSORS_METADATA)
     if optimizer_tensors is not None:
-        save_file(optimizer_tensors, str(tmp / expert_shard_name("optimizer", rank, size)),
-                  metadata=SAFETENSORS_METADATA)
+        write_safetensors(optimizer_tensors, tmp / expert_shard_name("optimizer", rank, size),
+                          metadata=SAFETENSORS_METADATA)
 
 
 def commit_checkpoint(
@@ -143,7 +143,7 @@ def _make_room(final: Path) -> None:
     """An existing ``checkpoint-STEP`` that is ours and complete is replaced by the commit; a damaged one, or one
     holding files we did not write, is renamed aside so that nothing of it is lost."""
     try:
-        verify_checkpoint(final, hashes=False)
+        verify_checkpoint(final, hashes=True)
         foreign = foreign_in_tree(final)
     except CheckpointError:
         foreign = None
@@ -280,8 +280,10 @@ def load_model(
 
     The model is allocated once, directly on ``device`` (default the host), in ``dtype``; only ``config.json`` and
     the model files are read (the optimizer state is not touched)."""
+    from latentmoe.device import resolve_device
     from latentmoe.model.transformer import empty_model
 
+    device = resolve_device(device) if isinstance(device, str) else device
     ckpt = resolve_checkpoint(checkpoint_dir)
     verify_checkpoint(ckpt, hashes=True)
     config = load_config(ckpt)

@@ -49,6 +49,7 @@ RESUME_MODES = ("no", "required", "auto")
 # layout): a directory from latentmoe 0.1.0 held exactly these.
 RUN_FILES = ("metrics.jsonl", "loss.png", "expert_load.png", "tokenizer.json", "ep_layout.json", "ep_traffic.png")
 STATE_KEYS = ("seed", "torch_rng_state")
+DAMAGED_SUFFIX = "damaged"
 
 
 class RunDirectoryError(RuntimeError):
@@ -116,6 +117,8 @@ def plan_run(
     mode = resume_mode(resume)
     if out_dir.exists() and not out_dir.is_dir():
         raise RunDirectoryError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and not os.access(out_dir, os.W_OK):
+        raise RunDirectoryError(f"{out_dir}: is not writable (read-only filesystem or no permission)")
     adopt_legacy_run(out_dir, kind)
     destination = check_destination(
         out_dir, kinds=compatible_kinds(kind), overwrite=overwrite, writes=RUN_FILES, option="--overwrite"
@@ -136,8 +139,6 @@ def plan_run(
                 log.warning("%s: kept (it holds files latentmoe did not write)", out_dir / name)
             log.info("%s: removed the previous run's files", out_dir)
         return RunPlan(out_dir, kind, None, removed_temporaries=removed)
-    for skipped in found.skipped:
-        log.warning("%s: skipped: %s", skipped.path.name, skipped.reason)
     if found.checkpoint is None:
         if found.skipped:
             raise RunDirectoryError(
@@ -149,10 +150,25 @@ def plan_run(
                 f"{out_dir}: nothing to resume (no checkpoint); run without --resume, or with --resume auto"
             )
         log.warning("%s: no checkpoint to resume; starting from step 0", out_dir)
-    elif found.skipped:
-        log.warning("%s: resuming from the older %s instead", out_dir, found.checkpoint.name)
+    else:
+        for skipped in found.skipped:
+            aside = set_aside(skipped.path)
+            log.warning("%s: skipped: %s (kept as %s)", skipped.path.name, skipped.reason, aside.name)
+        if found.skipped:
+            log.warning("%s: resuming from the older %s instead", out_dir, found.checkpoint.name)
     removed = _remove_stale(out_dir)
     return RunPlan(out_dir, kind, found.checkpoint, found.skipped, removed)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to ``NAME.damaged-N`` (never deleted: a person may want to look at it), so the
+    run can write that step again."""
+    n = 1
+    while (aside := path.with_name(f"{path.name}.{DAMAGED_SUFFIX}-{n}")).exists():
+        n += 1
+    os.rename(path, aside)
+    claim(path.parent, read_ownership(path.parent).kind if read_ownership(path.parent) else RUN_KIND, [aside.name])
+    return aside
 
 
 def _remove_stale(out_dir: Path) -> tuple[Path, ...]:
