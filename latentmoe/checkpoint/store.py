@@ -280,10 +280,8 @@ def load_model(
 
     The model is allocated once, directly on ``device`` (default the host), in ``dtype``; only ``config.json`` and
     the model files are read (the optimizer state is not touched)."""
-    from latentmoe.device import resolve_device
     from latentmoe.model.transformer import empty_model
 
-    device = resolve_device(device) if isinstance(device, str) else device
     ckpt = resolve_checkpoint(checkpoint_dir)
     verify_checkpoint(ckpt, hashes=True)
     config = load_config(ckpt)

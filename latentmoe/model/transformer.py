@@ -277,9 +277,9 @@ def empty_model(
     Built on the meta device (no memory, no initialisation), then allocated once, straight on the target device:
     a checkpoint is read into it without a full copy on the host first. Tied weights stay tied and the computed
     (non-persistent) RoPE tables are rebuilt on the device."""
-    from latentmoe.device import HOST
+    from latentmoe.device import HOST, resolve_device
 
-    device = torch.device(device) if device is not None else HOST
+    device = resolve_device(device) if device is not None else HOST
     with torch.device("meta"):
         model = CausalLM(config)
     model.to(dtype)

@@ -142,8 +142,8 @@ def plan_run(
     if found.checkpoint is None:
         if found.skipped:
             raise RunDirectoryError(
-                f"{out_dir}: no valid checkpoint to resume from ({found.skipped[0].path.name}: "
-                f"{found.skipped[0].reason}); nothing was changed"
+                f"{out_dir}: no valid checkpoint to resume from, nothing was changed; newest: "
+                f"{found.skipped[0].reason}"
             )
         if mode == "required":
             raise RunDirectoryError(

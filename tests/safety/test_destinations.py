@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.safety.conftest import TINY, snapshot
+from tests.cli_helpers import TINY, snapshot
 
 USER_FILE = "notes.txt"
 USER_TEXT = "my own notes\n"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.safety.conftest import TINY, cli_env, run_cli, snapshot
+from tests.cli_helpers import TINY, cli_env, run_cli, snapshot
 
 
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_checkpoint(cli, trained_run, small_disk):

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from tests.safety.conftest import TINY, snapshot
+from tests.cli_helpers import TINY, snapshot
 
 NEWEST, OLDER = "checkpoint-000004", "checkpoint-000002"
 
@@ -59,7 +59,7 @@ def test_with_no_valid_checkpoint_resume_fails_and_touches_nothing(cli, run_copy
     (run_copy / OLDER / "config.json").unlink()
     before = snapshot(run_copy)
     cli("train", *TINY, "--steps", "6", "--resume", "--out", run_copy).one_error_line(
-        "no valid checkpoint", NEWEST, "nothing was changed")
+        "no valid checkpoint", "nothing was changed", NEWEST)
     cli("train", *TINY, "--steps", "6", "--resume", "auto", "--out", run_copy).one_error_line("no valid checkpoint")
     assert snapshot(run_copy) == before
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.safety.conftest import TINY, cli_env, run_cli, start_cli
+from tests.cli_helpers import TINY, cli_env, run_cli, start_cli
 
 STEPS = 40
 SIGNAL_SEEDS = (1, 2, 3)
