@@ -60,6 +60,7 @@ from latentmoe.io import (
     disown,
     foreign_in_tree,
     one_line,
+    read_ownership,
     remove_owned_tree,
     replace_owned_directory,
     temp_dir,
@@ -69,6 +70,7 @@ from latentmoe.model.moe import is_expert_parameter
 
 RUN_KIND = "run"
 SAFETENSORS_METADATA = {"format": "pt"}
+DAMAGED_SUFFIX = "damaged"
 TOKENIZER_FILE = "tokenizer.json"  # beside the checkpoints of a run (or inside a checkpoint directory)
 
 
@@ -149,10 +151,20 @@ def _make_room(final: Path) -> None:
         foreign = None
     if foreign == []:
         return
+    set_aside(final)
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint to ``NAME.damaged-N`` — never deleted: a person may want to look at it — so the
+    run can write that step again; returns the new path."""
     n = 1
-    while (aside := final.with_name(f"{final.name}.damaged-{n}")).exists():
+    while (aside := ckpt.with_name(f"{ckpt.name}.{DAMAGED_SUFFIX}-{n}")).exists():
         n += 1
-    os.rename(final, aside)
+    os.rename(ckpt, aside)
+    owner = read_ownership(ckpt.parent)
+    if owner is not None:
+        claim(ckpt.parent, owner.kind, [aside.name])
+    return aside
 
 
 def save_checkpoint(
@@ -317,6 +329,7 @@ __all__ = [
     "load_model",
     "prune_checkpoints",
     "save_checkpoint",
+    "set_aside",
     "write_expert_shard",
     "write_main_files",
 ]

@@ -31,6 +31,7 @@ from latentmoe.checkpoint import (
     checkpoint_dirs,
     find_resumable,
     is_complete,
+    set_aside,
 )
 from latentmoe.io import (
     Ownership,
@@ -49,7 +50,6 @@ RESUME_MODES = ("no", "required", "auto")
 # layout): a directory from latentmoe 0.1.0 held exactly these.
 RUN_FILES = ("metrics.jsonl", "loss.png", "expert_load.png", "tokenizer.json", "ep_layout.json", "ep_traffic.png")
 STATE_KEYS = ("seed", "torch_rng_state")
-DAMAGED_SUFFIX = "damaged"
 
 
 class RunDirectoryError(RuntimeError):
@@ -158,17 +158,6 @@ def plan_run(
             log.warning("%s: resuming from the older %s instead", out_dir, found.checkpoint.name)
     removed = _remove_stale(out_dir)
     return RunPlan(out_dir, kind, found.checkpoint, found.skipped, removed)
-
-
-def set_aside(path: Path) -> Path:
-    """Rename a damaged checkpoint to ``NAME.damaged-N`` (never deleted: a person may want to look at it), so the
-    run can write that step again."""
-    n = 1
-    while (aside := path.with_name(f"{path.name}.{DAMAGED_SUFFIX}-{n}")).exists():
-        n += 1
-    os.rename(path, aside)
-    claim(path.parent, read_ownership(path.parent).kind if read_ownership(path.parent) else RUN_KIND, [aside.name])
-    return aside
 
 
 def _remove_stale(out_dir: Path) -> tuple[Path, ...]:
