@@ -169,3 +169,18 @@ def test_a_checkpoint_save_failure_leaves_no_directory_of_ours_half_written(tmp_
         save_checkpoint(tmp_path, 2, model, None, {}, config)
     assert snapshot(tmp_path) == before and latest_checkpoint(tmp_path).name == "checkpoint-000001"
     assert torch.isfinite(model.lm_head.weight).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_train_takes_a_device(tmp_path, cli, device):
+    done = cli("train", *TINY, "--steps", "1", "--device", device, "--out", tmp_path / "run")
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_device_this_machine_lacks_is_one_line(tmp_path, cli):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the error is for machines without it")
+    cli("train", *TINY, "--steps", "1", "--device", "cuda", "--out", tmp_path / "run").one_error_line(
+        "no CUDA device")
+    cli("train", *TINY, "--steps", "1", "--device", "tpu", "--out", tmp_path / "run").one_error_line("tpu")
+    assert not (tmp_path / "run").exists()
