@@ -136,6 +136,16 @@ class RequestHandle:
         return self._owner.cancel(self.request_id)
 
     # ------------------------------------------------------------------ loop side
+    def deliver(self, event: RequestOutput) -> None:
+        """Queue an event for the consumer (for the loop owner: this AsyncEngine, or another one that drives
+        requests elsewhere, such as the disaggregated server's front end)."""
+        self._deliver(event)
+
+    def fail(self, error: BaseException) -> None:
+        """End the request with ``error``: the consumer's next read raises EngineClosedError for an
+        EngineClosedError, else EngineDeadError caused by it (for the loop owner, as :meth:`deliver`)."""
+        self._deliver(_Failure(error))
+
     def _deliver(self, item: RequestOutput | _Failure) -> None:
         with self._cond:
             self._items.append(item)

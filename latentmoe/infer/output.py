@@ -104,7 +104,8 @@ class RequestOutput:
     """What one step produced for one request (a streaming event): the new tokens and text, the engine-clock
     time it was produced (``time_s``; differences between a request's events are its inter-token
     latencies), and when the request finished, its :class:`GenerationResult`. ``new_logprobs``: one per new
-    token when the request asked for log-probabilities (else None)."""
+    token when the request asked for log-probabilities (else None); ``prompt_logprobs``: on the event that
+    carries the first token, when the request asked for them (a stream can echo the prompt at once)."""
 
     request_id: int
     new_token_ids: list[int]
@@ -114,6 +115,7 @@ class RequestOutput:
     result: GenerationResult | None = None
     time_s: float | None = None
     new_logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on a request's first event, when asked for
 
 
 class OutputProcessor:
@@ -163,6 +165,8 @@ class OutputProcessor:
         event = self._event(request, new, new_text, now)
         if params.logprobs is not None:
             event.new_logprobs = pending[: len(new)]
+        if new and len(request.output_ids) == len(new):
+            event.prompt_logprobs = request.prompt_logprobs
         return event
 
     def cancelled(self, request: Request) -> RequestOutput:
