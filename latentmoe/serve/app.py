@@ -369,7 +369,7 @@ def create_app(backend: Backend | None, *, api_key: str | None = None,
         encoded = await run_in_threadpool(encode_all)
         for ids, _ in encoded:
             check_context(info, len(ids), param="prompt")
-        base = SamplingParams(
+        base = sampling_params(
             max_tokens=req.max_tokens if req.max_tokens is not None else p.DEFAULT_COMPLETION_MAX_TOKENS,
             **sampling_fields(req, info),
             logprobs=req.logprobs,
@@ -457,10 +457,11 @@ def create_app(backend: Backend | None, *, api_key: str | None = None,
         ids = await run_in_threadpool(encode)
         check_context(info, len(ids), param="messages")
         limit = req.token_limit if req.token_limit is not None else info.max_model_len - len(ids)
-        base = SamplingParams(max_tokens=limit, **sampling_fields(req, info),
-                              logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-        choices = [Choice(index=j, prompt_index=0, prompt_ids=ids, prompt_text="") for j in range(req.n)]
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        base = sampling_params(max_tokens=limit, **sampling_fields(req, info),
+                               logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                               rename={"max_tokens": param})
+        choices = [Choice(index=j, prompt_index=0, prompt_ids=ids, prompt_text="") for j in range(req.n)]
         submit_all(backend, choices, lambda c: seeded(base, c.index), rename={"prompt": "messages",
                                                                               "max_tokens": param})
         gen = Generation(state, choices, started)
@@ -536,6 +537,14 @@ def sampling_fields(req: p._Sampling, info) -> dict:
         stop=req.stop_strings(),
         stop_token_ids=() if info.eos_token_id is None else (info.eos_token_id,),
     )
+
+
+def sampling_params(*, rename: dict[str, str] | None = None, **fields) -> SamplingParams:
+    """SamplingParams, its own range checks (e.g. max_tokens below 2**31) reported as a 400 naming the field."""
+    try:
+        return SamplingParams(**fields)
+    except ValueError as exc:
+        raise engine_error(exc, rename=rename) from None
 
 
 def seeded(params: SamplingParams, j: int) -> SamplingParams:

@@ -70,16 +70,25 @@ class Gate:
     """A decode step that waits until the test opens the gate: the test decides when the engine moves on,
     so what a test checks does not depend on how fast the machine is."""
 
-    def __init__(self):
+    def __init__(self, *, hold_from_step: int = 1):
         self.open = threading.Event()
         self.entered = threading.Event()
+        self.calls = 0
         gate = self
 
         class GatedRunner(ModelRunner):
             def decode(self, batch):
-                gate.entered.set()
-                if not gate.open.wait(GATE_TIMEOUT_S):
-                    raise TimeoutError("the test never opened the gate")
+                gate.calls += 1
+                if gate.calls >= hold_from_step:
+                    gate.entered.set()
+                    if not gate.open.wait(GATE_TIMEOUT_S):
+                        raise TimeoutError("the test never opened the gate")
                 return super().decode(batch)
 
         self.runner_cls = GatedRunner
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.open.set()  # a failing test must not leave the engine waiting
