@@ -388,6 +388,16 @@ class DisaggregatedBackend:
         """Process ids: prefill workers first, the decode worker last."""
         return [w.process.pid for w in self._workers]
 
+    @property
+    def workers_alive(self) -> list[bool]:
+        """Per worker (order of :attr:`pids`): alive as far as the front end knows."""
+        return [w.alive for w in self._workers]
+
+    @property
+    def processes_alive(self) -> list[bool]:
+        """Per worker: whether its process is still running."""
+        return [w.process.is_alive() for w in self._workers]
+
     # ------------------------------------------------------------------ requests
     def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """The limits ``Engine.new_request`` applies in the decode worker, checked here first (same words)."""
