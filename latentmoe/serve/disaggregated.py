@@ -324,6 +324,7 @@ class DisaggregatedBackend:
         self.max_queued = max_queued
         self._cond = threading.Condition()
         self._live: dict[int, _Live] = {}
+        self._orphans: set[int] = set()  # ids failed here while the decode worker may still run them
         self._ids = itertools.count()
         self._accepting = True
         self._problem: str | None = None
@@ -476,7 +477,10 @@ class DisaggregatedBackend:
             _, rid, event = message
             with self._cond:
                 live = self._live.get(rid)
-                if live is None:
+                if live is None:  # failed here already (its prefill worker died after sending): stop it there
+                    if not event.finished and rid not in self._orphans:
+                        self._orphans.add(rid)
+                        self._workers[-1].inbox.put(("cancel", rid))
                     return
                 if event.new_token_ids or event.finished:
                     live.started = True
