@@ -210,3 +210,28 @@ def test_api_key_is_required_on_v1_routes_only(model, tokenizer):
         assert status == 401 and body["error"]["code"] == "invalid_api_key"
         assert request(s.url, "GET", "/health")[0] == 200 and request(s.url, "GET", "/metrics")[0] == 200
         assert metric(s.url, "latentmoe_requests_total", endpoint="/v1/completions", status="401") == 1
+
+
+def test_a_hugging_face_directory_is_served_with_its_own_chat_template(tmp_path, model, tokenizer):
+    """The checkpoint's tokenizer_config.json template (here one that writes roles and the BOS token itself)
+    renders the chat, and the BOS it writes is not doubled."""
+    from latentmoe.hf import HFTokenizer, save_pretrained
+    from latentmoe.pretrained import load
+
+    template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}[assistant]{% endif %}")
+    hf_tokenizer = HFTokenizer(tokenizer, chat_template=template, special_tokens={"bos_token": "<|bos|>"})
+    save_pretrained(model, tmp_path / "hf", tokenizer=hf_tokenizer)
+    loaded, loaded_tokenizer = load(tmp_path / "hf", dtype=torch.float64)
+    messages = [{"role": "user", "content": "ROMEO:"}]
+    text = "<|bos|>[user] ROMEO:\n[assistant]"
+    assert render_chat(loaded_tokenizer, messages) == text
+    ids = encode_prompt(loaded_tokenizer, text, loaded.config.bos_token_id)
+    assert ids.count(loaded.config.bos_token_id) == 1 and ids[0] == loaded.config.bos_token_id
+    expected = Engine(loaded, loaded_tokenizer, block_size=8).generate(
+        [ids], SamplingParams(max_tokens=6, temperature=0, stop_token_ids=(1,)))[0]
+    with serving(local_backend(loaded, loaded_tokenizer, name="hf")) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="-", max_retries=0)
+        reply = client.chat.completions.create(model="hf", messages=messages, max_tokens=6, temperature=0)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage.prompt_tokens == len(ids)
