@@ -7,7 +7,8 @@ from urllib.parse import urlparse
 
 from prometheus_client.parser import text_string_to_metric_families
 
-WAIT_S = 60  # bound on every wait for the server to reach a state
+WAIT_S = 120  # bound on every wait for the server to reach a state (generous: the machine may be busy)
+START_WAIT_S = 240  # for a server process to start (imports torch, loads the checkpoint)
 
 
 def request(url, method, path, body=b"", headers=None, timeout=WAIT_S):

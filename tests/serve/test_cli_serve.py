@@ -15,7 +15,7 @@ import pytest
 
 from latentmoe.cli import main
 
-from .helpers import WAIT_S, post, request, sse_events, wait_until
+from .helpers import START_WAIT_S, WAIT_S, post, request, sse_events, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,7 +40,7 @@ class ServeProcess:
             started.set()
 
         threading.Thread(target=read, daemon=True).start()
-        started.wait(WAIT_S)
+        started.wait(START_WAIT_S)
         if self.url is None:
             self.stop()
             raise AssertionError("the server did not start: " + "".join(self.lines))
