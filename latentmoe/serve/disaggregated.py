@@ -100,7 +100,7 @@ def worker_main(index: int, config: WorkerConfig, num_prefill: int, store_port: 
     """Entry point of worker ``index`` (rank ``index``; the decode worker is rank ``num_prefill``)."""
     import torch.distributed as dist
 
-    from latentmoe.device import HOST, collective_backend, resolve_device, set_current
+    from latentmoe.device import HOST, collective_backend, is_cuda, rank_device, set_current
 
     outbox = outboxes[index]
     parent = os.getppid()
@@ -110,14 +110,17 @@ def worker_main(index: int, config: WorkerConfig, num_prefill: int, store_port: 
     try:
         world = num_prefill + 1
         torch.set_num_threads(config.num_threads or max(1, (os.cpu_count() or 1) // world))
-        device = resolve_device(config.device)
+        devices = [rank_device(rank, config.device) for rank in range(world)]
+        device = devices[index]
         set_current(device)
+        # NCCL needs a GPU of its own per rank; otherwise gloo moves the bytes through host memory
+        own_gpus = all(is_cuda(d) for d in devices) and len(set(devices)) == world
+        comm_device = device if own_gpus else HOST
         store = dist.TCPStore(LOCALHOST, store_port, is_master=False, timeout=GROUP_TIMEOUT)
-        dist.init_process_group(collective_backend(device), store=store, rank=index, world_size=world,
+        dist.init_process_group(collective_backend(comm_device), store=store, rank=index, world_size=world,
                                 timeout=GROUP_TIMEOUT)
         groups = [dist.new_group([p, num_prefill], timeout=GROUP_TIMEOUT) for p in range(num_prefill)]
-        engine = _build_engine(config, prefill=index < num_prefill)
-        comm_device = engine.device if dist.get_backend() == "nccl" else HOST  # gloo sends host tensors
+        engine = _build_engine(replace(config, device=str(device)), prefill=index < num_prefill)
         if index < num_prefill:
             _PrefillWorker(index, engine, groups[index], num_prefill, comm_device, inboxes[index], outbox,
                            parent).run()
