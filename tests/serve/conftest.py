@@ -67,8 +67,9 @@ def local_backend(model, tokenizer, *, name="tiny", max_queued=64, speculative=T
 
 
 class Gate:
-    """A decode step that waits until the test opens the gate: the test decides when the engine moves on,
-    so what a test checks does not depend on how fast the machine is."""
+    """A decode (or speculative verify) call that waits until the test opens the gate, from the
+    ``hold_from_step``-th call on: the test decides when the engine moves on, so what a test checks does not
+    depend on how fast the machine is."""
 
     def __init__(self, *, hold_from_step: int = 1):
         self.open = threading.Event()
@@ -76,14 +77,21 @@ class Gate:
         self.calls = 0
         gate = self
 
+        def hold() -> None:
+            gate.calls += 1
+            if gate.calls >= hold_from_step:
+                gate.entered.set()
+                if not gate.open.wait(GATE_TIMEOUT_S):
+                    raise TimeoutError("the test never opened the gate")
+
         class GatedRunner(ModelRunner):
             def decode(self, batch):
-                gate.calls += 1
-                if gate.calls >= hold_from_step:
-                    gate.entered.set()
-                    if not gate.open.wait(GATE_TIMEOUT_S):
-                        raise TimeoutError("the test never opened the gate")
+                hold()
                 return super().decode(batch)
+
+            def verify(self, batch, plan):
+                hold()
+                return super().verify(batch, plan)
 
         self.runner_cls = GatedRunner
 

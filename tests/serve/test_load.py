@@ -24,8 +24,9 @@ def test_sixteen_concurrent_streams_each_get_what_they_get_alone(model, tokenize
     max_tokens = [4 + (i * 7) % 13 for i in range(CLIENTS)]
     alone = [Engine(model, tokenizer, block_size=8).generate(
         [p], SamplingParams(max_tokens=m, temperature=0, stop_token_ids=(1,)))[0] for p, m in zip(prompts, max_tokens)]
-    backend = local_backend(model, tokenizer, max_batch=6, max_queued=CLIENTS)  # some wait, then join the batch
-    with serving(backend) as server:
+    gate = Gate()  # the first step waits until all 16 are queued: then 6 run and 10 wait, whatever the timing
+    backend = local_backend(model, tokenizer, max_batch=6, max_queued=CLIENTS, runner_cls=gate.runner_cls)
+    with serving(backend) as server, gate:
         start = threading.Barrier(CLIENTS, timeout=WAIT_S)
 
         def stream(i):
@@ -40,7 +41,10 @@ def test_sixteen_concurrent_streams_each_get_what_they_get_alone(model, tokenize
             return "".join(c.choices[0].delta.content or "" for c in chunks)
 
         with ThreadPoolExecutor(CLIENTS) as pool:
-            texts = list(pool.map(stream, range(CLIENTS), timeout=2 * WAIT_S))
+            futures = [pool.submit(stream, i) for i in range(CLIENTS)]
+            wait_until(lambda: backend.snapshot().num_waiting == CLIENTS, "all clients queued")  # (see Gate)
+            gate.open.set()
+            texts = [f.result(2 * WAIT_S) for f in futures]
         assert texts == [r.text for r in alone]
         assert backend.async_engine.snapshot().stats.max_running == 6
         counted = sum(metric(server.url, "latentmoe_requests_total", endpoint=e, status="200")
