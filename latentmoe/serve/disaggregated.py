@@ -430,6 +430,8 @@ class DisaggregatedBackend:
             if self.max_queued is not None and self._num_waiting() >= self.max_queued:
                 raise QueueFullError(f"the waiting queue is full ({self.max_queued} requests wait for decoding)")
             alive = [w.index for w in self._workers[:-1] if w.alive]
+            if not alive:  # the last one just died; _worker_died is about to say so
+                raise EngineDeadError("no prefill worker is alive")
             load = {p: 0 for p in alive}
             for live in self._live.values():
                 if not live.sent and live.prefill in load:
