@@ -38,6 +38,21 @@ def check_vocabulary(tokenizer, vocab_size: int, source: Path) -> None:
         )
 
 
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer :func:`load` would return for ``path``, without reading any weights (a server front end
+    that tokenizes while worker processes hold the model). CheckpointError / HFCheckpointError as ``load``."""
+    from latentmoe.hf import is_hf_checkpoint
+    from latentmoe.hf import load_tokenizer as load_hf_tokenizer
+
+    path = Path(path)
+    if is_hf_checkpoint(path):
+        tokenizer = load_hf_tokenizer(path)
+        if tokenizer is None:
+            raise HFCheckpointError(f"no {TOKENIZER_FILE} in {path}")
+        return tokenizer
+    return find_tokenizer(resolve_checkpoint(path))
+
+
 def load(
     path: str | os.PathLike,
     *,

@@ -1,8 +1,10 @@
 """The README's Python examples run as written (in order, in one namespace), against a run directory and a
-Hugging Face export made the way the README's commands make them."""
+Hugging Face export made the way the README's commands make them, and — for the serving example — a
+``latentmoe serve --checkpoint runs/demo`` server (on a free port instead of 8000)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK_RE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+SERVER_URL = "http://127.0.0.1:8000"
 
 
 def python_blocks() -> list[str]:
@@ -34,11 +37,33 @@ def readme_cwd(tmp_path, monkeypatch, trained_run):
     return tmp_path
 
 
+@contextlib.contextmanager
+def demo_server():
+    """What ``latentmoe serve --checkpoint runs/demo`` serves, in this process on a free port."""
+    from latentmoe import load
+    from latentmoe.infer import Engine
+    from latentmoe.serve.app import create_app
+    from latentmoe.serve.backend import LocalBackend
+    from latentmoe.serve.server import BackgroundServer
+
+    model, tokenizer = load("runs/demo")
+    backend = LocalBackend(Engine(model, tokenizer, max_batch=4), name="runs/demo")
+    try:
+        with BackgroundServer(create_app(backend)) as server:
+            yield server.url
+    finally:
+        backend.close(abort=True)
+
+
 @pytest.mark.slow
 def test_every_python_example_in_the_readme_runs_verbatim(readme_cwd, capsys):
     namespace: dict = {}
     for i, block in enumerate(python_blocks()):
         try:
-            exec(compile(block, f"README.md python block {i}", "exec"), namespace)
+            if SERVER_URL in block:
+                with demo_server() as url:
+                    exec(compile(block.replace(SERVER_URL, url), f"README.md python block {i}", "exec"), namespace)
+            else:
+                exec(compile(block, f"README.md python block {i}", "exec"), namespace)
         except Exception as exc:  # pragma: no cover - the failure message is the point
             raise AssertionError(f"README python block {i} failed: {exc!r}\n{block}") from exc

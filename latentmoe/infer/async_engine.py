@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 from latentmoe.infer.cache_budget import CachePool
 from latentmoe.infer.engine import Engine, EngineStats
+from latentmoe.infer.handoff import PrefillHandoff
 from latentmoe.infer.output import GenerationResult, RequestOutput
 from latentmoe.infer.request import Request
 from latentmoe.infer.sampling import SamplingParams
@@ -135,6 +136,16 @@ class RequestHandle:
         return self._owner.cancel(self.request_id)
 
     # ------------------------------------------------------------------ loop side
+    def deliver(self, event: RequestOutput) -> None:
+        """Queue an event for the consumer (for the loop owner: this AsyncEngine, or another one that drives
+        requests elsewhere, such as the disaggregated server's front end)."""
+        self._deliver(event)
+
+    def fail(self, error: BaseException) -> None:
+        """End the request with ``error``: the consumer's next read raises EngineClosedError for an
+        EngineClosedError, else EngineDeadError caused by it (for the loop owner, as :meth:`deliver`)."""
+        self._deliver(_Failure(error))
+
     def _deliver(self, item: RequestOutput | _Failure) -> None:
         with self._cond:
             self._items.append(item)
@@ -279,13 +290,14 @@ class AsyncEngine:
         params: SamplingParams | None = None,
         *,
         speculative: bool | SpeculativeConfig = False,
+        handoff: PrefillHandoff | None = None,
     ) -> RequestHandle:
         """Validate and queue one request; returns its handle at once. ValueError for a bad request (named
         field, or a limit it exceeds), QueueFullError / EngineClosedError / EngineDeadError when the engine
-        cannot take it."""
+        cannot take it. ``handoff``: a prompt another engine prefilled (``Engine.new_request``)."""
         with self._cond:
             self._check_open()
-        request = self.engine.new_request(prompt, params, speculative=speculative)  # encodes on this thread
+        request = self.engine.new_request(prompt, params, speculative=speculative, handoff=handoff)  # on this thread
         with self._cond:
             self._check_open()
             handle = RequestHandle(request, self)

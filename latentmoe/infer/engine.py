@@ -47,6 +47,7 @@ import torch
 
 from latentmoe.device import available_memory_bytes, resolve_device
 from latentmoe.infer.cache_budget import CachePool, default_cache_budget, size_cache_pool
+from latentmoe.infer.handoff import PrefillHandoff
 from latentmoe.infer.output import (
     REPLACEMENT_CHAR,
     GenerationResult,
@@ -88,12 +89,14 @@ class EngineStats:
     """Cumulative engine figures (seconds). Decode tokens are those emitted by decode steps (not the first
     token of each request, which prefill produces). ``prefill_tokens`` ran through the model;
     ``prefill_shared_tokens`` were copied from a common prefix with a prompt admitted in the same step.
+    ``placed_tokens`` were prefilled by another engine and placed here (handoff.py).
     ``draft_tokens`` / ``accepted_draft_tokens``: speculative drafts verified / accepted, all requests.
     ``finished_requests`` ended by themselves (length or stop), ``aborted_requests`` by :meth:`Engine.abort`."""
 
     prefill_s: float = 0.0
     prefill_tokens: int = 0
     prefill_shared_tokens: int = 0
+    placed_tokens: int = 0
     decode_s: float = 0.0
     decode_steps: int = 0
     decode_tokens: int = 0
@@ -252,9 +255,38 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         speculative: bool | SpeculativeConfig = False,
+        handoff: PrefillHandoff | None = None,
     ) -> Request:
         """Validate a request and build its state without queueing it (ValueError naming the bad field or
-        the limit it exceeds). Touches no queue, so any thread may call it; :meth:`enqueue` queues it."""
+        the limit it exceeds). Touches no queue, so any thread may call it; :meth:`enqueue` queues it.
+
+        ``handoff``: the prompt was prefilled by another engine (:meth:`prefill_handoff`, handoff.py); when
+        admitted, its latent rows are placed into the cache instead of running the prompt."""
+        params, prompt_ids, plan = self._validate(prompt, params, speculative)
+        reserved = self.scheduler.reserve_for(len(prompt_ids) + params.max_tokens + (plan.cache_slack if plan else 0))
+        generator = params.make_generator(self.device)
+        if handoff is not None:
+            if handoff.prompt_ids != prompt_ids:
+                raise ValueError("handoff: it was prefilled for a different prompt")
+            handoff.check(num_layers=self.config.num_hidden_layers, width=self.cache.width, dtype=self.cache.dtype,
+                          hidden_size=self.config.hidden_size, needs_hidden=plan is not None)
+            if generator is not None and handoff.generator_state is not None:
+                generator.set_state(handoff.generator_state)
+        return Request(
+            request_id=next(self._ids),
+            prompt_ids=prompt_ids,
+            params=params,
+            plan=plan,
+            generator=generator,
+            arrival=self.clock(),
+            reserved_blocks=reserved,
+            handoff=handoff,
+        )
+
+    def _validate(
+        self, prompt: str | Sequence[int], params: SamplingParams | None, speculative: bool | SpeculativeConfig
+    ) -> tuple[SamplingParams, list[int], DraftPlan | None]:
+        """The checks every request passes: its ids, the length limit, stop strings, the draft plan."""
         params = params or SamplingParams()
         prompt_ids = self._encode(prompt)
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
@@ -266,16 +298,46 @@ class Engine:
             )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop: stop strings need a tokenizer")
-        plan = self._plan(speculative)
-        reserved = self.scheduler.reserve_for(len(prompt_ids) + params.max_tokens + (plan.cache_slack if plan else 0))
-        return Request(
-            request_id=next(self._ids),
+        return params, prompt_ids, self._plan(speculative)
+
+    def prefill_handoff(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        speculative: bool | SpeculativeConfig = False,
+    ) -> PrefillHandoff:
+        """Prefill one prompt for another engine to decode (a *prefill* engine; handoff.py): the same prefill
+        and first-token sampling as :meth:`step`, then the prompt's latent rows are copied out and its blocks
+        freed. The request is validated as :meth:`new_request` does, except that only the prompt has to fit
+        this engine's pool (decoding happens elsewhere). Runs on the caller's thread, between steps."""
+        params, prompt_ids, plan = self._validate(prompt, params, speculative)
+        with self._lock:
+            if self.cache.blocks_for(len(prompt_ids)) > self.cache.num_free_blocks:
+                raise ValueError(f"prompt: {len(prompt_ids)} tokens do not fit the {self.cache.num_free_blocks} "
+                                 f"free blocks of this prefill engine's pool")
+            request = Request(request_id=next(self._ids), prompt_ids=prompt_ids, params=params, plan=plan,
+                              generator=params.make_generator(self.device), arrival=self.clock(),
+                              reserved_blocks=self.cache.blocks_for(len(prompt_ids)))
+            t0 = self.clock()
+            try:
+                result = self.runner.prefill(request, {})
+                kv_LnX, scale_Ln = self.cache.export_rows(request.request_id, len(prompt_ids),
+                                                          num_layers=self.config.num_hidden_layers)
+            finally:
+                if request.request_id in self.cache.block_tables:
+                    self.cache.free(request.request_id)
+            self.stats.prefill_tokens += result.computed_tokens
+            self.stats.prefill_s += self.clock() - t0
+        return PrefillHandoff(
             prompt_ids=prompt_ids,
-            params=params,
-            plan=plan,
-            generator=params.make_generator(self.device),
-            arrival=self.clock(),
-            reserved_blocks=reserved,
+            first_token=result.token,
+            kv_LnX=kv_LnX,
+            scale_Ln=scale_Ln,
+            hidden_nD=request.hidden_tail_PD if plan is not None else None,
+            generator_state=request.generator.get_state() if request.generator is not None else None,
+            first_logprob=request.pending_logprobs[0] if request.pending_logprobs else None,
+            prompt_logprobs=request.prompt_logprobs,
         )
 
     def enqueue(self, request: Request, *, stream: bool = False) -> None:
@@ -370,7 +432,11 @@ class Engine:
 
     def _prefill(self, request: Request, events: list[RequestOutput], shared: PrefillRound) -> None:
         t0 = self.clock()
-        result = self.runner.prefill(request, shared)
+        if request.handoff is not None:
+            self.stats.placed_tokens += len(request.prompt_ids)
+            result = self.runner.place(request)
+        else:
+            result = self.runner.prefill(request, shared)
         self.stats.prefill_tokens += result.computed_tokens
         self.stats.prefill_shared_tokens += result.shared_tokens
         self._emit(request, [result.token], events)

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from latentmoe.infer.logprobs import TokenLogprob
+
 if TYPE_CHECKING:
     from latentmoe.infer.request import Request
 
@@ -84,7 +86,8 @@ class RequestStats:
 @dataclass
 class GenerationResult:
     """One finished request. ``finish_reason``: "length" (max_tokens), "stop" (stop token or string) or
-    "cancelled" (the tokens up to the cancellation)."""
+    "cancelled" (the tokens up to the cancellation). ``logprobs``: one per token of ``token_ids`` and
+    ``prompt_logprobs`` one per prompt token (None for the first), when the request asked for them."""
 
     request_id: int
     prompt_token_ids: list[int]
@@ -92,13 +95,17 @@ class GenerationResult:
     text: str | None
     finish_reason: str
     stats: RequestStats
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
 class RequestOutput:
     """What one step produced for one request (a streaming event): the new tokens and text, the engine-clock
     time it was produced (``time_s``; differences between a request's events are its inter-token
-    latencies), and when the request finished, its :class:`GenerationResult`."""
+    latencies), and when the request finished, its :class:`GenerationResult`. ``new_logprobs``: one per new
+    token when the request asked for log-probabilities (else None); ``prompt_logprobs``: on the event that
+    carries the first token, when the request asked for them (a stream can echo the prompt at once)."""
 
     request_id: int
     new_token_ids: list[int]
@@ -107,6 +114,8 @@ class RequestOutput:
     finish_reason: str | None = None
     result: GenerationResult | None = None
     time_s: float | None = None
+    new_logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on a request's first event, when asked for
 
 
 class OutputProcessor:
@@ -146,12 +155,19 @@ class OutputProcessor:
                 request.finish_reason = FINISH_LENGTH
             if request.finish_reason is not None:
                 break
+        pending, request.pending_logprobs = request.pending_logprobs, []  # tokens past a stop string are dropped
+        request.output_logprobs.extend(pending[: len(new)])
         new_text = ""
         if self.tokenizer is not None:
             request.text = cut_text if cut_text is not None else self.tokenizer.decode(request.output_ids)
             visible = len(request.text) if request.finished else streamable_length(request.text, params.stop)
             new_text, request.text_sent = request.text[request.text_sent : visible], max(request.text_sent, visible)
-        return self._event(request, new, new_text, now)
+        event = self._event(request, new, new_text, now)
+        if params.logprobs is not None:
+            event.new_logprobs = pending[: len(new)]
+        if new and len(request.output_ids) == len(new):
+            event.prompt_logprobs = request.prompt_logprobs
+        return event
 
     def cancelled(self, request: Request) -> RequestOutput:
         """The final event of a request aborted before it finished: whatever text was held back, and a
@@ -195,4 +211,6 @@ class OutputProcessor:
             text=request.text if self.tokenizer is not None else None,
             finish_reason=request.finish_reason,
             stats=st,
+            logprobs=list(request.output_logprobs) if request.params.logprobs is not None else None,
+            prompt_logprobs=request.prompt_logprobs,
         )

@@ -205,6 +205,45 @@ class PagedLatentCache:
         if self.scale_LNb is not None:
             self.scale_LNb[:layers].index_copy_(1, dst, self.scale_LNb[:layers].index_select(1, src))
 
+    def _storage(self) -> torch.Tensor:
+        """The pool as stored, indexable on any device (CPU has no fp8 index kernels: FP8 is moved as bytes)."""
+        return self.pool_LNbX.view(torch.uint8) if self.is_fp8 else self.pool_LNbX
+
+    def _slots(self, seq_id: object, num_tokens: int) -> torch.Tensor:
+        """Flat slot ids (block · block_size + offset) of positions ``[0, num_tokens)`` of ``seq_id``."""
+        blocks = torch.tensor(self.block_tables[seq_id][: self.blocks_for(num_tokens)], dtype=torch.long,
+                              device=self.pool_LNbX.device)
+        offsets = torch.arange(self.block_size, device=blocks.device)
+        return (blocks[:, None] * self.block_size + offsets[None, :]).flatten()[:num_tokens]
+
+    def export_rows(
+        self, seq_id: object, num_tokens: int, *, num_layers: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Copies of positions ``[0, num_tokens)`` of the first ``num_layers`` layers, as stored: rows
+        ``[layers, n, X]`` in the cache dtype and, for FP8, the scales ``[layers, n]`` (what a prefill hands a
+        decode engine; handoff.py)."""
+        slots = self._slots(seq_id, num_tokens)
+        flat = self._storage()[:num_layers].flatten(1, 2)
+        rows = flat.index_select(1, slots)
+        rows = rows.view(self.dtype) if self.is_fp8 else rows
+        scale = self.scale_LNb[:num_layers].flatten(1, 2).index_select(1, slots) if self.is_fp8 else None
+        return rows, scale
+
+    def import_rows(self, seq_id: object, rows_LnX: torch.Tensor, scale_Ln: torch.Tensor | None = None) -> None:
+        """Write rows from :meth:`export_rows` (same dtype) into positions ``[0, n)`` of the first layers of
+        ``seq_id``, allocating its blocks."""
+        layers, n, width = rows_LnX.shape
+        if width != self.width or rows_LnX.dtype != self.dtype or layers > self.num_layers:
+            raise ValueError(f"import_rows: rows {list(rows_LnX.shape)} {rows_LnX.dtype} do not fit this cache "
+                             f"([{self.num_layers}, n, {self.width}] {self.dtype})")
+        self.ensure(seq_id, n)
+        slots = self._slots(seq_id, n)
+        device = self.pool_LNbX.device
+        flat = self._storage()[:layers].flatten(1, 2)  # a view: writing it writes the pool
+        flat.index_copy_(1, slots, (rows_LnX.view(torch.uint8) if self.is_fp8 else rows_LnX).to(device))
+        if self.is_fp8:
+            self.scale_LNb[:layers].flatten(1, 2).index_copy_(1, slots, scale_Ln.to(device))
+
     # ------------------------------------------------------------------ data
     def store(self, layer: int, slots_N: torch.Tensor, rows_NX: torch.Tensor) -> None:
         """Write rows ``[N, X]`` into flat slots (block · block_size + offset) of ``layer``."""

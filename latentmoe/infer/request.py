@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from latentmoe.infer.handoff import PrefillHandoff
+from latentmoe.infer.logprobs import TokenLogprob
 from latentmoe.infer.output import RequestStats
 from latentmoe.infer.sampling import SamplingParams
 from latentmoe.infer.speculative import DraftPlan
@@ -25,7 +27,8 @@ class Request:
     """A request from admission to its last token (identity comparison: two requests are never equal).
 
     Set at creation: ``request_id``, ``prompt_ids``, ``params``, ``plan`` (None: plain decoding), the
-    request's own ``generator``, ``arrival`` (engine clock) and ``reserved_blocks`` (its worst case).
+    request's own ``generator``, ``arrival`` (engine clock), ``reserved_blocks`` (its worst case) and, for a
+    request prefilled by another engine, its ``handoff`` (handoff.py; the runner places it at admission).
     """
 
     request_id: int
@@ -43,12 +46,16 @@ class Request:
     text_sent: int = 0
     finish_reason: str | None = None
     stats: RequestStats | None = None
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, when asked for
     # model runner
     num_cached: int = 0
     hidden_tail_PD: torch.Tensor | None = None  # main-model hidden at positions [n - P, n)
     mtp_final: int = 0
     drafts: list[int] = field(default_factory=list)
     draft_probs_KV: torch.Tensor | None = None
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens sampled, not yet emitted
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (the first: None)
+    handoff: PrefillHandoff | None = None
 
     def __post_init__(self) -> None:
         if not self.tokens:

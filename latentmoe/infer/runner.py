@@ -17,6 +17,12 @@ next (the scheduler and the output processor do):
 * :meth:`ModelRunner.verify` — the main model over ``[t_n, d_1..d_k]`` for each speculative request; the
   accepted prefix stays in the cache, rejected positions are dropped.
 * :meth:`ModelRunner.draft` — the MTP modules propose the next drafts (speculative.py has the windows).
+* :meth:`ModelRunner.place` — a request prefilled by another engine (handoff.py): its latent rows go into
+  its blocks and its first token is the one the prefill sampled; nothing runs.
+
+Log-probabilities (logprobs.py), when a request asks for them, are taken from the same logits its tokens are
+sampled from and left in ``request.pending_logprobs`` for the output processor; prompt log-probabilities
+come from ``lm_head`` over the prefill's hidden states.
 
 Sampling happens here, per request, with the request's own generator, so a request's tokens do not depend
 on which others share its batch.
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from latentmoe.infer.logprobs import token_logprobs
 from latentmoe.infer.paged_cache import PagedLatentCache
 from latentmoe.infer.request import Request
 from latentmoe.infer.sampling import Acceptance, greedy_accept, rejection_sample, sample_next, token_probs
@@ -145,8 +152,36 @@ class ModelRunner:
         shared[tuple(request.prompt_ids)] = prefill
         request.num_cached = n
         request.hidden_tail_PD = prefill.hidden_SD
-        token = int(sample_next(prefill.last_logits_1V, request.params, request.generator)[0])
+        if (top_n := request.params.prompt_logprobs) is not None:
+            logits_SV = self.model.lm_head(prefill.hidden_SD[:-1])  # position i predicts prompt token i + 1
+            request.prompt_logprobs = [None, *token_logprobs(logits_SV, request.prompt_ids[1:], top_n)]
+        token = self._sample(request, prefill.last_logits_1V)
         return PrefillResult(token=token, computed_tokens=n - common, shared_tokens=common)
+
+    @torch.no_grad()
+    def place(self, request: Request) -> PrefillResult:
+        """Admit a request prefilled elsewhere (``request.handoff``): its latent rows into its own blocks, its
+        hidden states and log-probabilities onto the request; the first token is the prefill's."""
+        handoff, n = request.handoff, len(request.prompt_ids)
+        self.cache.add_sequence(request.request_id)
+        self.cache.import_rows(request.request_id, handoff.kv_LnX, handoff.scale_Ln)
+        request.num_cached = n
+        if handoff.hidden_nD is not None:
+            request.hidden_tail_PD = handoff.hidden_nD.to(device=self.device, dtype=self.dtype)
+        if handoff.first_logprob is not None:
+            request.pending_logprobs.append(handoff.first_logprob)
+        request.prompt_logprobs = handoff.prompt_logprobs
+        request.handoff = None  # the rows live in the cache now
+        return PrefillResult(token=handoff.first_token, computed_tokens=0, shared_tokens=0)
+
+    @staticmethod
+    def _sample(request: Request, logits_1V: torch.Tensor) -> int:
+        """The next token from the last-position logits with the request's params and generator (its
+        log-probability noted when asked for)."""
+        token = int(sample_next(logits_1V, request.params, request.generator)[0])
+        if (top_n := request.params.logprobs) is not None:
+            request.pending_logprobs.extend(token_logprobs(logits_1V, [token], top_n))
+        return token
 
     # ------------------------------------------------------------------ decode
     @torch.no_grad()
@@ -159,7 +194,7 @@ class ModelRunner:
         tokens = []
         for b, r in enumerate(batch):
             r.num_cached += 1
-            tokens.append(int(sample_next(out.logits[b, -1:], r.params, r.generator)[0]))
+            tokens.append(self._sample(r, out.logits[b, -1:]))
         return tokens
 
     # ------------------------------------------------------------------ speculative
@@ -183,11 +218,14 @@ class ModelRunner:
                                                  r.generator)
                 acceptance = Acceptance(int(accepted[0]), int(nxt[0]))
             a = acceptance.num_accepted
+            emitted = acceptance.emitted(drafts)
+            if (top_n := r.params.logprobs) is not None:  # emitted token j was sampled at verified position j
+                r.pending_logprobs.extend(token_logprobs(out.logits[b, : a + 1], emitted, top_n))
             r.hidden_tail_PD = torch.cat([r.hidden_tail_PD, out.hidden[b, : a + 1]])[-plan.hidden_tail :]
             r.num_cached += a + 1
             self.cache.truncate(r.request_id, r.num_cached)  # rejected positions are dropped
             r.drafts, r.draft_probs_KV = [], None
-            results.append(Verification(num_drafted=k, num_accepted=a, tokens=acceptance.emitted(drafts)))
+            results.append(Verification(num_drafted=k, num_accepted=a, tokens=emitted))
         return results
 
     @torch.no_grad()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from latentmoe.infer.logprobs import MAX_LOGPROBS
 from latentmoe.limits import bounds, check_fields
 
 MAX_TOKENS = 2**31 - 1
@@ -32,7 +33,10 @@ class SamplingParams:
     """How to pick tokens for one request. temperature 0 means greedy; top_k 0 and top_p 1.0 disable
     those filters; ``seed`` gives the request its own random stream; generation stops after
     ``max_tokens``, after a token in ``stop_token_ids`` (kept in the output) or when the text contains one
-    of the ``stop`` strings (the text is cut before it; needs a tokenizer)."""
+    of the ``stop`` strings (the text is cut before it; needs a tokenizer).
+
+    ``logprobs`` / ``prompt_logprobs``: report the log-probability of each generated / prompt token and of
+    that many most likely alternatives (0: the token alone; None: nothing) — see ``logprobs.py``."""
 
     max_tokens: int = field(default=64, metadata=bounds(1, MAX_TOKENS, integer=True))
     temperature: float = field(default=1.0, metadata=bounds(0, MAX_TEMPERATURE))
@@ -41,6 +45,8 @@ class SamplingParams:
     seed: int | None = field(default=None, metadata=bounds(0, MAX_SEED, integer=True, optional=True))
     stop_token_ids: Sequence[int] = field(default_factory=tuple)
     stop: Sequence[str] = field(default_factory=tuple)
+    logprobs: int | None = field(default=None, metadata=bounds(0, MAX_LOGPROBS, integer=True, optional=True))
+    prompt_logprobs: int | None = field(default=None, metadata=bounds(0, MAX_LOGPROBS, integer=True, optional=True))
 
     def __post_init__(self) -> None:
         check_fields(self, ValueError)
