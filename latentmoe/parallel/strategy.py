@@ -53,7 +53,18 @@ from latentmoe.parallel.runtime import (
 )
 from latentmoe.parallel.topology import ProcessGroups, Topology, TopologyError, build_groups, experts_per_rank
 from latentmoe.parallel.traffic import TrafficCounters, summarize_over_ranks
-from latentmoe.train import LossStats, SingleProcess, Strategy, claim_run_file, evaluate
+from latentmoe.train import (
+    ForwardContext,
+    LossFn,
+    LossStats,
+    SingleProcess,
+    StepStats,
+    Strategy,
+    build_optimizer,
+    claim_run_file,
+    evaluate,
+    forward_backward_whole,
+)
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s epsilon, so the clip factor matches the single process
 LAYOUT_FILE = "ep_layout.json"
@@ -113,6 +124,9 @@ class ExpertParallelStrategy:
             )
         return model
 
+    def make_optimizer(self, model: nn.Module, **kw: Any) -> torch.optim.Optimizer:
+        return build_optimizer(model, **kw)
+
     def shard_batch(self, ids_BS: torch.Tensor) -> torch.Tensor:
         """This rank's rows of the global batch."""
         B = ids_BS.shape[0]
@@ -134,6 +148,13 @@ class ExpertParallelStrategy:
         self._window_exposed_s += exposed_comm_seconds(model)
 
     # ------------------------------------------------------------------ reductions
+    def forward_backward(
+        self, model: nn.Module, ids_bS: torch.Tensor, loss_fn: LossFn, *, forward_context: ForwardContext,
+        stop: bool,
+    ) -> StepStats:
+        """The whole model on this rank's rows (experts across the EP group): losses and load all-reduced."""
+        return forward_backward_whole(self, model, ids_bS, loss_fn, forward_context=forward_context, stop=stop)
+
     def reduce_losses(
         self, total: torch.Tensor, main: torch.Tensor, mtp: Sequence[torch.Tensor], balance: torch.Tensor | None,
         *, stop: bool,
