@@ -35,7 +35,6 @@ from torch import nn
 
 from latentmoe.config import ConfigError, ModelConfig
 from latentmoe.io import write_json_atomic
-from latentmoe.model.moe import is_expert_parameter
 from latentmoe.parallel.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from latentmoe.parallel.ep import (
     enable_expert_parallel,
@@ -44,6 +43,7 @@ from latentmoe.parallel.ep import (
     reset_traffic,
     total_traffic,
 )
+from latentmoe.parallel.grads import all_reduce_grads, split_named_params, sum_sq
 from latentmoe.parallel.runtime import (
     DEFAULT_TIMEOUT_S,
     collective_errors,
@@ -184,18 +184,18 @@ class ExpertParallelStrategy:
     def reduce_gradients(self, model: nn.Module) -> None:
         """Average dense gradients over the world and expert gradients over the expert-DP group (÷ world)."""
         dense, expert = _split_params(model)
-        _all_reduce_grads([p for p in dense if p.grad is not None], self.groups.world, self.world_size)
+        all_reduce_grads([p for p in dense if p.grad is not None], self.groups.world, self.world_size)
         for p in expert:  # an expert slice no token reached still steps, as in the single process
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        _all_reduce_grads(expert, self.groups.expert_dp, self.world_size)
+        all_reduce_grads(expert, self.groups.expert_dp, self.world_size)
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Clip by the global norm (dense grads are identical on every rank; expert grads differ over the EP
         group); returns the norm before clipping, the same on every rank."""
         dense, expert = _split_params(model)
-        dense_sq = _sum_sq((p.grad for p in dense if p.grad is not None), self.device)
-        expert_sq = _sum_sq((p.grad for p in expert if p.grad is not None), self.device)
+        dense_sq = sum_sq((p.grad for p in dense if p.grad is not None), self.device)
+        expert_sq = sum_sq((p.grad for p in expert if p.grad is not None), self.device)
         if self.groups.ep is not None:
             dist.all_reduce(expert_sq, group=self.groups.ep)
         total = (dense_sq + expert_sq).sqrt()
@@ -283,35 +283,8 @@ class ExpertParallelStrategy:
 
 
 def _split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    dense, expert, seen = [], [], set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (expert if is_expert_parameter(name) else dense).append(p)
-    return dense, expert
-
-
-def _sum_sq(grads: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    for g in grads:
-        total = total + g.detach().float().pow(2).sum().to(device)
-    return total
-
-
-def _all_reduce_grads(params: list[nn.Parameter], group, divide_by: int) -> None:
-    """One flat all-reduce(SUM) of the gradients, then ÷ ``divide_by`` (the world: grad of the global mean)."""
-    if not params:
-        return
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    if group is not None:
-        dist.all_reduce(flat, group=group)
-    flat /= divide_by
-    offset = 0
-    for p in params:
-        n = p.grad.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-        offset += n
+    dense, expert = split_named_params(model)
+    return [p for _, p in dense], [p for _, p in expert]
 
 
 # ---------------------------------------------------------------------------------------------- set-up

@@ -1,0 +1,111 @@
+"""The measured schedule: chunk events per rank → busy time, idle (bubble) fraction, mean F / B / W chunk times,
+and a timeline plot.
+
+Every step each rank records the chunks it ran (``schedules.ChunkEvent``: F, B, I, W with start and end relative
+to the step's start, and the expert-parallel communication left exposed inside). For one step on one rank::
+
+    step_s          wall time of schedule.step (from the same starting line on every rank: the previous step's
+                    collectives synchronise the ranks)
+    busy_s          Σ chunk durations
+    idle fraction   1 − busy_s / step_s        what the planner's bubble formulas predict (plan/pipeline.py)
+
+F is the mean forward chunk time; B the mean full backward (B events, or I + W of the same micro-batch when the
+schedule splits it); W the mean weight-gradient chunk. They are the inputs of the formulas, so ``latentmoe plan
+pipeline --measured RUN_DIR`` can put the measured idle fraction beside the one the formula predicts from the
+run's own chunk times.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KINDS = ("F", "B", "I", "W")
+COLOURS = {"F": "#4c72b0", "B": "#dd8452", "I": "#c44e52", "W": "#55a868", "comm": "#222222"}
+
+
+@dataclass
+class StepTiming:
+    """One step on one rank."""
+
+    step_s: float
+    busy_s: float
+    f_s: list[float]
+    b_s: list[float]
+    w_s: list[float]
+
+    @property
+    def idle_fraction(self) -> float:
+        return max(0.0, 1.0 - self.busy_s / self.step_s) if self.step_s > 0 else 0.0
+
+
+def step_timing(events: Sequence, step_s: float) -> StepTiming:
+    """Busy time and chunk times of one step's events (I + W of one micro-batch count as one B)."""
+    f = [e.end - e.start for e in events if e.kind == "F"]
+    b = [e.end - e.start for e in events if e.kind == "B"]
+    split: dict[tuple[int, int], float] = {}
+    for e in events:
+        if e.kind in ("I", "W"):
+            split[(e.stage, e.mb)] = split.get((e.stage, e.mb), 0.0) + e.end - e.start
+    w = [e.end - e.start for e in events if e.kind == "W"]
+    busy = sum(e.end - e.start for e in events)
+    return StepTiming(step_s=step_s, busy_s=busy, f_s=f, b_s=b + list(split.values()), w_s=w)
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+@dataclass
+class TimelineWindow:
+    """Step timings since the last metrics record (one rank)."""
+
+    steps: list[StepTiming] = field(default_factory=list)
+
+    def add(self, events: Sequence, step_s: float) -> None:
+        self.steps.append(step_timing(events, step_s))
+
+    def summary(self) -> dict[str, float]:
+        steps = self.steps
+        step_s = sum(s.step_s for s in steps)
+        busy = sum(s.busy_s for s in steps)
+        return {
+            "step_s": step_s,
+            "busy_s": busy,
+            "idle_fraction": max(0.0, 1.0 - busy / step_s) if step_s > 0 else 0.0,
+            "f_s": _mean([x for s in steps for x in s.f_s]),
+            "b_s": _mean([x for s in steps for x in s.b_s]),
+            "w_s": _mean([x for s in steps for x in s.w_s]),
+        }
+
+
+def plot_timeline(events_per_rank: Sequence[Sequence[dict]], path: str | os.PathLike, *, title: str) -> Path:
+    """One row per rank: F / B / I / W chunks as coloured bars (micro-batch number inside), a black tick below
+    each for the EP communication it left exposed; gaps are the bubble."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    fig = Figure(figsize=(12, 1.0 + 0.7 * len(events_per_rank)))
+    ax = fig.add_subplot()
+    for rank, events in enumerate(events_per_rank):
+        for e in events:
+            ax.barh(rank, e["end"] - e["start"], left=e["start"], height=0.6, color=COLOURS[e["kind"]],
+                    edgecolor="white", linewidth=0.5)
+            ax.text((e["start"] + e["end"]) / 2, rank, str(e["mb"]), ha="center", va="center", fontsize=6,
+                    color="white")
+            if e.get("exposed_comm", 0) > 0:
+                ax.barh(rank + 0.38, e["exposed_comm"], left=e["start"], height=0.12, color=COLOURS["comm"])
+    ax.set_yticks(range(len(events_per_rank)), [f"rank {r}" for r in range(len(events_per_rank))])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the step began")
+    ax.set_title(title)
+    labels = {"F": "forward", "B": "backward", "I": "backward (input)", "W": "backward (weights)",
+              "comm": "exposed EP all-to-all"}
+    ax.legend(handles=[Patch(color=COLOURS[k], label=v) for k, v in labels.items()], loc="upper right",
+              fontsize=7, ncols=5)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
