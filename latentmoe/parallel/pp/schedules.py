@@ -33,6 +33,12 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
 )
+from torch.distributed.pipelining.schedules import (
+    _Action,
+    _add_send_recv,
+    _ComputationType,
+    _PipelineScheduleRuntime,
+)
 
 from latentmoe.config import ConfigError
 
@@ -101,6 +107,28 @@ def check_microbatches(n: int, rows: int, kind: ScheduleKind, pp: int) -> None:
         raise ConfigError(f"--pp-schedule {kind.name} with --pp {pp} needs at least {pp} micro-batches, got {n}")
     if kind.name == "interleaved" and n % pp and n >= pp:
         raise ConfigError(f"interleaved needs micro-batches a multiple of --pp {pp} (or fewer), got {n}")
+
+
+class ForwardOnlySchedule(_PipelineScheduleRuntime):
+    """Validation through the pipeline: every micro-batch forward through each virtual stage in stage order (the
+    forward half of GPipe / looped BFS), as an action table for torch's schedule runtime, which adds the sends and
+    receives. torch's training schedules cannot run forward-only when stages share a rank (their ``eval`` trips
+    over the V's local backward hand-off), whatever the placement this one can."""
+
+    def __init__(self, stages: list[PipelineStage], n_microbatches: int, *, placement: list[int], loss_fn) -> None:
+        super().__init__(stages=stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+        self._has_backward = False
+        order: dict[int, list[_Action | None]] = {r: [] for r in range(self.pp_group_size)}
+        for stage, rank in enumerate(placement):
+            order[rank] += [_Action(stage, _ComputationType.FORWARD, mb) for mb in range(n_microbatches)]
+        self.pipeline_order = order
+        # torch's lowering adds the sends and receives; its validation (a backward per forward) does not apply.
+        self.stage_index_to_group_rank = dict(enumerate(placement))
+        for stage in self._stages:
+            stage.stage_index_to_group_rank = self.stage_index_to_group_rank
+        self.pipeline_order_with_comms = _add_send_recv(
+            order, stage_to_rank=lambda s: placement[s], num_stages=len(placement)
+        )
 
 
 # ---------------------------------------------------------------------------------------------- recording

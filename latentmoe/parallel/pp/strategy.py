@@ -43,6 +43,7 @@ from latentmoe.model.mtp import next_token_loss
 from latentmoe.parallel.ep import enable_expert_parallel, exposed_comm_seconds, moe_layers, reset_traffic
 from latentmoe.parallel.grads import all_reduce_grads, split_named_params, sum_sq
 from latentmoe.parallel.pp.schedules import (
+    ForwardOnlySchedule,
     StepRecorder,
     TimedStage,
     check_microbatches,
@@ -199,11 +200,14 @@ class PipelineStrategy:
                 chunk, spec.index, self.n_stages, ids_bS.device, input_args=inputs, output_args=outputs,
                 group=self.groups.pp, recorder=self.recorder,
             ))
-        cls = self.kind.torch_class
-        arg = stages if self.kind.takes_list else stages[0]
-        # Gradients are summed over the micro-batches and divided once, in reduce_and_clip: torch's own scaling
-        # divides a parameter once per stage that holds it, twice for the V's shared embedding.
-        schedule = cls(arg, n_microbatches=n_mb, loss_fn=_loss_of_output, scale_grads=False)
+        if not train:
+            schedule = ForwardOnlySchedule(stages, n_mb, placement=self.placement, loss_fn=_loss_of_output)
+        else:
+            cls = self.kind.torch_class
+            arg = stages if self.kind.takes_list else stages[0]
+            # Gradients are summed over the micro-batches and divided once, in reduce_and_clip: torch's scaling
+            # divides a parameter once per stage that holds it (twice for the V's shared embedding).
+            schedule = cls(arg, n_microbatches=n_mb, loss_fn=_loss_of_output, scale_grads=False)
         if self.pipeline.overlap_f_b and train:
             from latentmoe.parallel.pp.overlap import register_overlap
 
@@ -299,7 +303,7 @@ class PipelineStrategy:
                 model.compute_mtp = False
                 self.recorder.begin()
                 with torch.no_grad():
-                    built.schedule.eval(ids_b, target=ids_b, losses=[], ids_bS=ids_b)
+                    built.schedule.step(ids_b, target=ids_b, losses=[], return_outputs=False, ids_bS=ids_b)
                 if model.holds_last:
                     total += float(torch.stack([mb[1] for mb in model.step_losses]).double().mean())
                 count += 1
