@@ -44,6 +44,7 @@ from latentmoe.parallel.ep import (
     total_traffic,
 )
 from latentmoe.parallel.grads import all_reduce_grads, split_named_params, sum_sq
+from latentmoe.parallel.pp.strategy import PipelineConfig
 from latentmoe.parallel.runtime import (
     DEFAULT_TIMEOUT_S,
     collective_errors,
@@ -76,7 +77,8 @@ class ParallelConfig:
 
     ep: EP size (ranks sharing one copy of the experts; must divide the world size and n_routed_experts);
     gpus_per_node: ranks per node (None: all ranks on one node); dispatch / combine: payload codecs;
-    overlap: dual micro-batch overlap in the MoE layers; timeout_s: collective timeout.
+    overlap: dual micro-batch overlap in the MoE layers; timeout_s: collective timeout; pipeline: the pipeline
+    half (``--pp`` and friends; None or ``pp == 1``: no pipeline, this module's strategy).
     """
 
     ep: int = 1
@@ -85,6 +87,11 @@ class ParallelConfig:
     combine: str = "fp32"
     overlap: bool = False
     timeout_s: float = DEFAULT_TIMEOUT_S
+    pipeline: PipelineConfig | None = None
+
+    @property
+    def pp(self) -> int:
+        return self.pipeline.pp if self.pipeline is not None else 1
 
     def topology(self, rank: int, world_size: int) -> Topology:
         return Topology(
@@ -92,6 +99,7 @@ class ParallelConfig:
             rank=rank,
             gpus_per_node=self.gpus_per_node or world_size,
             ep_size=self.ep,
+            pp_size=self.pp,
         )
 
 
@@ -291,19 +299,29 @@ def _split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramet
 
 
 def start_strategy(parallel: ParallelConfig | None = None, *, device: str | torch.device | None = None) -> Strategy:
-    """The strategy for this process: :class:`SingleProcess` outside torchrun (with ``--ep 1``), else start
-    torch.distributed from torchrun's environment (gloo on CPU, NCCL on CUDA) and build the groups.
+    """The strategy for this process: :class:`SingleProcess` outside torchrun (with ``--ep 1 --pp 1``), else start
+    torch.distributed from torchrun's environment (gloo on CPU, NCCL on CUDA) and build the groups:
+    :class:`~latentmoe.parallel.pp.strategy.PipelineStrategy` with ``--pp > 1``, :class:`ExpertParallelStrategy`
+    otherwise.
 
     Raises :class:`TopologyError` for a layout that cannot work (e.g. ``--ep 4`` on 2 processes)."""
     parallel = parallel or ParallelConfig()
     _, world_size, _ = env_world()
-    if world_size == 1 and parallel.ep == 1:
+    if world_size == 1 and parallel.ep == 1 and parallel.pp == 1:
         return SingleProcess()
-    if parallel.ep > world_size:
+    needed = parallel.ep * parallel.pp
+    if needed > world_size:
+        flags = " x ".join(f for f in (f"--pp {parallel.pp}" if parallel.pp > 1 else "",
+                                        f"--ep {parallel.ep}" if parallel.ep > 1 else "") if f)
         raise TopologyError(
-            f"--ep {parallel.ep} needs at least {parallel.ep} processes, this run has {world_size} "
+            f"{flags} needs at least {needed} processes, this run has {world_size} "
             "(launch with torchrun --nproc-per-node N)"
         )
+    topology = parallel.topology(env_world()[0], world_size)  # layout errors before any process group starts
     init_distributed(device=device, timeout_s=parallel.timeout_s)
-    groups = build_groups(parallel.topology(dist.get_rank(), dist.get_world_size()))
+    groups = build_groups(topology)
+    if parallel.pp > 1:
+        from latentmoe.parallel.pp.strategy import PipelineStrategy
+
+        return PipelineStrategy(groups, parallel, parallel.pipeline)
     return ExpertParallelStrategy(groups, parallel)
