@@ -319,7 +319,8 @@ def start_strategy(parallel: ParallelConfig | None = None, *, device: str | torc
         )
     topology = parallel.topology(env_world()[0], world_size)  # layout errors before any process group starts
     init_distributed(device=device, timeout_s=parallel.timeout_s)
-    groups = build_groups(topology)
+    overlap_pairs = parallel.pipeline is not None and parallel.pipeline.overlap_f_b
+    groups = build_groups(topology, ep_backward=overlap_pairs)
     if parallel.pp > 1:
         from latentmoe.parallel.pp.strategy import PipelineStrategy
 

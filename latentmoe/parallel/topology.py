@@ -189,8 +189,9 @@ class ProcessGroups:
     """The groups one rank communicates in. ``ep``: its EP group (dispatch/combine); ``expert_dp``: the ranks
     holding the same experts (expert-gradient reduction); ``world``: everyone (metrics, and the dense gradients
     without PP); ``stage``: the ranks of its pipeline stage (dense gradients, ZeRO); ``pp``: its pipeline
-    (activations; always a group, even of one, as torch.distributed.pipelining wants one).
-    A group of one rank is None (nothing to communicate), except ``pp``."""
+    (activations); ``ep_backward``: a second group over the EP ranks for the gradients of the all-to-alls, when
+    forward and backward chunks run at once (DualPipe's overlap; None: they use ``ep``).
+    A group of one rank is None (nothing to communicate)."""
 
     topology: Topology
     ep: dist.ProcessGroup | None
@@ -198,10 +199,12 @@ class ProcessGroups:
     world: dist.ProcessGroup | None
     stage: dist.ProcessGroup | None = None
     pp: dist.ProcessGroup | None = None
+    ep_backward: dist.ProcessGroup | None = None
 
 
-def build_groups(topology: Topology) -> ProcessGroups:
-    """Create the EP, expert-DP, stage and pipeline groups (every rank must call this, in the same order)."""
+def build_groups(topology: Topology, *, ep_backward: bool = False) -> ProcessGroups:
+    """Create the EP, expert-DP, stage and pipeline groups (every rank must call this, in the same order);
+    ``ep_backward`` adds a second group per EP group for the backward exchanges."""
     if topology.world_size == 1:
         return ProcessGroups(topology, None, None, None)
     if not dist.is_initialized():
@@ -218,12 +221,13 @@ def build_groups(topology: Topology) -> ProcessGroups:
                       topology.pp_size)
         families = {
             "ep": [at.ep_group_ranks(d) for d in range(topology.dp_size)],
+            "ep_backward": [at.ep_group_ranks(d) for d in range(topology.dp_size)] if ep_backward else [],
             "expert_dp": [at.expert_dp_group_ranks(e) for e in range(topology.ep_size)],
             "stage": [at.stage_group_ranks()],
         }
         for name, groups in families.items():
             for ranks in groups:
-                group = _group(ranks, topology.world_size)
+                group = _group(ranks, topology.world_size, fresh=name == "ep_backward")
                 if topology.rank in ranks:
                     mine[name] = group
     pp = None
@@ -234,7 +238,7 @@ def build_groups(topology: Topology) -> ProcessGroups:
             if topology.rank in ranks:
                 pp = group
     return ProcessGroups(topology, ep=mine.get("ep"), expert_dp=mine.get("expert_dp"), world=world,
-                         stage=mine.get("stage"), pp=pp)
+                         stage=mine.get("stage"), pp=pp, ep_backward=mine.get("ep_backward"))
 
 
 def build_pair_groups(topology: Topology, pp_ranks: tuple[int, int]) -> dist.ProcessGroup | None:
@@ -253,7 +257,7 @@ def build_pair_groups(topology: Topology, pp_ranks: tuple[int, int]) -> dist.Pro
     return mine
 
 
-def _group(ranks: list[int], world_size: int) -> dist.ProcessGroup | None:
+def _group(ranks: list[int], world_size: int, *, fresh: bool = False) -> dist.ProcessGroup | None:
     if len(ranks) == 1:
         return None  # nothing to exchange with oneself
-    return dist.group.WORLD if len(ranks) == world_size else dist.new_group(ranks)
+    return dist.group.WORLD if len(ranks) == world_size and not fresh else dist.new_group(ranks)

@@ -6,7 +6,7 @@ to the step's start, and the expert-parallel communication left exposed inside).
 
     step_s          wall time of schedule.step (from the same starting line on every rank: the previous step's
                     collectives synchronise the ranks)
-    busy_s          Σ chunk durations
+    busy_s          the union of the chunk intervals (an overlapped forward/backward pair counts once)
     idle fraction   1 − busy_s / step_s        what the planner's bubble formulas predict (plan/pipeline.py)
 
 F is the mean forward chunk time; B the mean full backward (B events, or I + W of the same micro-batch when the
@@ -50,8 +50,19 @@ def step_timing(events: Sequence, step_s: float) -> StepTiming:
         if e.kind in ("I", "W"):
             split[(e.stage, e.mb)] = split.get((e.stage, e.mb), 0.0) + e.end - e.start
     w = [e.end - e.start for e in events if e.kind == "W"]
-    busy = sum(e.end - e.start for e in events)
+    busy = union_length([(e.start, e.end) for e in events])
     return StepTiming(step_s=step_s, busy_s=busy, f_s=f, b_s=b + list(split.values()), w_s=w)
+
+
+def union_length(intervals: Sequence[tuple[float, float]]) -> float:
+    """Total length covered by the intervals (overlaps counted once)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
 
 
 def _mean(xs: Sequence[float]) -> float:
