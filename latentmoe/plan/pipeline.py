@@ -15,6 +15,9 @@ micro-batch, both for the most loaded device. DualPipe keeps two copies of the m
 device holds two stages; DualPipeV folds the same schedule into a V over PP/2 devices, each holding stage i and
 stage PP−1−i, so its device holds the same parameters as a 1F1B device with PP/2 stages.
 
+Interleaved 1F1B (Narayanan et al. 2021; ``--pp-schedule interleaved``) with two stages per device has the 1F1B
+bubble in chunk times: ``(PP/2 − 1)(F + B)`` on PP/2 devices.
+
 **Bubble fraction.** A device is busy for ``n`` micro-batches × its stages × (F + B) and idle for the bubble, so
 its idle fraction is ``bubble / (bubble + work)``. With F, B, W measured by the trainer the formula predicts the
 idle fraction the run should show (``latentmoe plan pipeline --measured RUN_DIR``).
@@ -40,11 +43,12 @@ from latentmoe.plan.arith import (
     mtp_params,
 )
 from latentmoe.plan.errors import PlanError
-from latentmoe.plan.memory import stage_layers
+from latentmoe.plan.memory import Precision, layer_activation_bytes_per_token, stage_layers
 
-SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
+SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")  # the paper's table (TR Table 2, DualPipe README)
+INTERLEAVED = "interleaved"  # Narayanan et al. 2021, two stages per device: not in the paper, run by the trainer
 BIDIRECTIONAL = ("dualpipe", "dualpipev")  # PP must be even; F&B overlap; 2 stages per device
-PARAMS_MULTIPLIER = {"1f1b": 1, "zb1p": 1, "dualpipe": 2, "dualpipev": 2}
+PARAMS_MULTIPLIER = {"1f1b": 1, "zb1p": 1, "dualpipe": 2, "dualpipev": 2, INTERLEAVED: 2}
 
 
 # ---------------------------------------------------------------------------------------------- bubbles
@@ -75,7 +79,7 @@ class ChunkTimes:
 def _check_pp(pp: int, schedule: str) -> None:
     if not isinstance(pp, int) or pp < 1:
         raise PlanError(f"PP must be a positive integer, got {pp!r}")
-    if schedule in BIDIRECTIONAL and pp % 2:
+    if schedule in (*BIDIRECTIONAL, INTERLEAVED) and pp % 2:
         raise PlanError(f"{schedule} needs an even number of stages, got PP = {pp}")
 
 
@@ -97,8 +101,16 @@ def bubble_dualpipe(pp: int, t: ChunkTimes) -> float:
     return (pp // 2 - 1) * (t.f_and_b + t.backward - 3 * t.weight)
 
 
+def bubble_interleaved(pp: int, t: ChunkTimes) -> float:
+    """``(PP/2 − 1)(F + B)``: 1F1B's bubble over PP/2 devices holding two stages each."""
+    _check_pp(pp, INTERLEAVED)
+    return (pp // 2 - 1) * (t.forward + t.backward)
+
+
 def bubble(schedule: str, pp: int, t: ChunkTimes) -> float:
-    """The bubble of ``schedule`` (one of :data:`SCHEDULES`) with ``pp`` stages."""
+    """The bubble of ``schedule`` (one of :data:`SCHEDULES`, or "interleaved") with ``pp`` stages."""
+    if schedule == INTERLEAVED:
+        return bubble_interleaved(pp, t)
     if schedule == "1f1b":
         return bubble_1f1b(pp, t)
     if schedule == "zb1p":
@@ -110,13 +122,13 @@ def bubble(schedule: str, pp: int, t: ChunkTimes) -> float:
 
 
 def devices(schedule: str, pp: int) -> int:
-    """Devices a ``pp``-stage pipeline occupies: PP, or PP/2 for DualPipeV."""
+    """Devices a ``pp``-stage pipeline occupies: PP, or PP/2 for DualPipeV and interleaved."""
     _check_pp(pp, schedule)
-    return pp // 2 if schedule == "dualpipev" else pp
+    return pp // 2 if schedule in ("dualpipev", INTERLEAVED) else pp
 
 
 def stages_per_device(schedule: str) -> int:
-    return 2 if schedule in BIDIRECTIONAL else 1
+    return 2 if schedule in (*BIDIRECTIONAL, INTERLEAVED) else 1
 
 
 def activation_multiplier(schedule: str, pp: int) -> int:
@@ -130,7 +142,7 @@ def device_work(schedule: str, n_microbatches: int, t: ChunkTimes) -> float:
 
     DualPipe's two directions share the micro-batches (n/2 each way through two stages: n chunks per device);
     DualPipeV sends every micro-batch through both of its device's stages (2n chunks)."""
-    chunks = 2 * n_microbatches if schedule == "dualpipev" else n_microbatches
+    chunks = 2 * n_microbatches if schedule in ("dualpipev", INTERLEAVED) else n_microbatches
     return chunks * (t.forward + t.backward)
 
 
@@ -243,6 +255,7 @@ class PipelineRow:
 
 
 FORMULAS = {
+    INTERLEAVED: "(PP/2-1)(F+B)",
     "1f1b": "(PP-1)(F+B)",
     "zb1p": "(PP-1)(F+B-2W)",
     "dualpipe": "(PP/2-1)(F&B+B-3W)",
@@ -263,6 +276,17 @@ def stage_params(arch: ArchSpec, pp: int) -> int:
         params += h + head + mtp_params(arch)[0] if s == pp - 1 else 0
         out.append(params)
     return max(out)
+
+
+def stage_activation_bytes(arch: ArchSpec, pp: int, precision: Precision, *, seq_len: int, micro_batch: int) -> int:
+    """What the heaviest of ``pp`` stages keeps for backward of one micro-batch (``latentmoe.plan.memory``'s
+    per-layer activation bytes × its layers × tokens): the unit of the PP / PP+1 activation column."""
+    def stage(s: int) -> int:
+        return sum(layer_activation_bytes_per_token(arch, arch.ffn[i], precision)
+                   for i in stage_layers(arch.num_layers, pp, s))
+
+    per_token = max(stage(s) for s in range(pp))
+    return per_token * seq_len * micro_batch
 
 
 def pipeline_rows(
@@ -302,3 +326,63 @@ def pipeline_rows(
             formula=FORMULAS[s],
         ))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- measured
+TRAINER_SCHEDULES = {"1f1b": "1f1b", "interleaved": INTERLEAVED, "zb": "zb1p", "dualpipev": "dualpipev"}
+
+
+@dataclass(frozen=True)
+class MeasuredPipeline:
+    """A trainer run's pipeline beside the formula: ``schedule`` (planner name), ``pp`` stages, chunk ``times``
+    measured by the trainer (mean over ranks and logged windows), the idle fraction ``measured`` per rank and the
+    one the formula ``predicted`` from those times."""
+
+    schedule: str
+    pp: int
+    devices: int
+    microbatches: int
+    times: ChunkTimes
+    measured_per_rank: tuple[float, ...]
+    predicted: float
+    formula: str
+
+    @property
+    def measured_mean(self) -> float:
+        return sum(self.measured_per_rank) / len(self.measured_per_rank) if self.measured_per_rank else 0.0
+
+
+def measured_pipeline(layout: dict, records: Sequence[dict], *, skip_first: bool = True) -> MeasuredPipeline:
+    """The bubble a run recorded (``pp_layout.json`` + the ``pp_*`` metrics of ``metrics.jsonl``) and the formula's
+    prediction from the run's own chunk times. The first logged window holds the first step's one-off set-up (the
+    pipeline's connections), so it is left out when there are others."""
+    rows = [r for r in records if isinstance(r.get("pp_idle_fraction"), list)]
+    if not rows:
+        raise PlanError("the run has no pp_* metrics (not a --pp run, or no step was logged)")
+    if skip_first and len(rows) > 1:
+        rows = rows[1:]
+    try:
+        schedule = TRAINER_SCHEDULES[layout["schedule"]]
+        pp = int(layout["virtual_stages"])
+        microbatches = int(rows[-1]["pp_microbatches"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PlanError(f"pp_layout.json / metrics are missing a field ({exc})") from None
+
+    def mean_of(key: str) -> float:
+        values = [x for r in rows for x in r.get(key, []) if x > 0]
+        return sum(values) / len(values) if values else 0.0
+
+    f, b, w = mean_of("pp_forward_chunk_s"), mean_of("pp_backward_chunk_s"), mean_of("pp_weight_chunk_s")
+    times = ChunkTimes(forward=f, backward=b, weight=min(w, b))
+    n_ranks = len(rows[0]["pp_idle_fraction"])
+    per_rank = tuple(sum(r["pp_idle_fraction"][i] for r in rows) / len(rows) for i in range(n_ranks))
+    return MeasuredPipeline(
+        schedule=schedule,
+        pp=pp,
+        devices=devices(schedule, pp),
+        microbatches=microbatches,
+        times=times,
+        measured_per_rank=per_rank,
+        predicted=bubble_fraction(schedule, pp, microbatches, times),
+        formula=FORMULAS[schedule],
+    )

@@ -329,6 +329,7 @@ class PipelineStrategy:
         return {
             "pp_idle_fraction": [round(x, 5) for x in rows[:, 0].tolist()],
             "pp_idle_fraction_max": float(rows[:, 0].max()),
+            "pp_microbatches": self._n_microbatches,
             "pp_step_s": float(rows[:, 2].max()) / n,
             "pp_busy_s": [round(x / n, 6) for x in rows[:, 1].tolist()],
             "pp_forward_chunk_s": [round(x, 6) for x in rows[:, 3].tolist()],
