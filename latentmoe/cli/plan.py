@@ -268,8 +268,12 @@ def run_pipeline(args: argparse.Namespace) -> int:
         print(f"\nmeasured {args.measured}: {measured.schedule}, PP = {measured.pp} stages on {measured.devices} "
               f"ranks, {measured.microbatches} micro-batches; F={t.forward * MS_PER_S:.2f} ms "
               f"B={t.backward * MS_PER_S:.2f} ms W={t.weight * MS_PER_S:.2f} ms")
-        print(f"idle fraction: measured {measured.measured_mean:.1%} (per rank {per_rank}); "
-              f"formula {measured.formula} predicts {measured.predicted:.1%}")
+        print(f"idle fraction (wall clock): measured {measured.measured_mean:.1%} (per rank {per_rank}); "
+              f"formula {measured.formula} predicts {measured.predicted:.1%} from these chunk times")
+        if measured.replayed_per_rank:
+            replayed = ", ".join(f"{x:.1%}" for x in measured.replayed_per_rank)
+            print(f"idle fraction (the run's chunk order replayed with F=1 B=2 W=1): {replayed}; the formula at "
+                  f"those costs: {measured.unit_predicted:.1%}")
     return 0
 
 

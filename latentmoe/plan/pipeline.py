@@ -147,8 +147,9 @@ def device_work(schedule: str, n_microbatches: int, t: ChunkTimes) -> float:
 
 
 def bubble_fraction(schedule: str, pp: int, n_microbatches: int, t: ChunkTimes) -> float:
-    """Idle share of one device's step: bubble / (bubble + work)."""
-    b = bubble(schedule, pp, t)
+    """Idle share of one device's step: bubble / (bubble + work) (a bubble below zero — W larger than the formula's
+    model allows — counts as none)."""
+    b = max(0.0, bubble(schedule, pp, t))
     total = b + device_work(schedule, n_microbatches, t)
     return b / total if total > 0 else 0.0
 
@@ -335,8 +336,10 @@ TRAINER_SCHEDULES = {"1f1b": "1f1b", "interleaved": INTERLEAVED, "zb": "zb1p", "
 @dataclass(frozen=True)
 class MeasuredPipeline:
     """A trainer run's pipeline beside the formula: ``schedule`` (planner name), ``pp`` stages, chunk ``times``
-    measured by the trainer (mean over ranks and logged windows), the idle fraction ``measured`` per rank and the
-    one the formula ``predicted`` from those times."""
+    measured by the trainer (mean over ranks and logged windows), the wall-clock idle fraction ``measured`` per
+    rank and the one the formula ``predicted`` from those times; ``replayed_per_rank``: the run's chunk order
+    replayed with F = 1, B = 2, W = 1 (``latentmoe.parallel.pp.timeline.replay_idle``), beside the formula at those
+    costs (``unit_predicted``)."""
 
     schedule: str
     pp: int
@@ -346,6 +349,8 @@ class MeasuredPipeline:
     measured_per_rank: tuple[float, ...]
     predicted: float
     formula: str
+    replayed_per_rank: tuple[float, ...] = ()
+    unit_predicted: float = 0.0
 
     @property
     def measured_mean(self) -> float:
@@ -373,9 +378,13 @@ def measured_pipeline(layout: dict, records: Sequence[dict], *, skip_first: bool
         return sum(values) / len(values) if values else 0.0
 
     f, b, w = mean_of("pp_forward_chunk_s"), mean_of("pp_backward_chunk_s"), mean_of("pp_weight_chunk_s")
-    times = ChunkTimes(forward=f, backward=b, weight=min(w, b))
+    # torch runs the first stage's whole backward as its "W" (no input gradient to split off): W ≤ B/2 keeps the
+    # formula's W the weight half it means
+    times = ChunkTimes(forward=f, backward=b, weight=min(w, b / 2))
     n_ranks = len(rows[0]["pp_idle_fraction"])
     per_rank = tuple(sum(r["pp_idle_fraction"][i] for r in rows) / len(rows) for i in range(n_ranks))
+    replayed = tuple(rows[-1].get("pp_replayed_idle_fraction") or ())
+    unit = ChunkTimes(forward=1.0, backward=2.0, weight=1.0)
     return MeasuredPipeline(
         schedule=schedule,
         pp=pp,
@@ -385,4 +394,6 @@ def measured_pipeline(layout: dict, records: Sequence[dict], *, skip_first: bool
         measured_per_rank=per_rank,
         predicted=bubble_fraction(schedule, pp, microbatches, times),
         formula=FORMULAS[schedule],
+        replayed_per_rank=replayed,
+        unit_predicted=bubble_fraction(schedule, pp, microbatches, unit),
     )

@@ -53,7 +53,7 @@ from latentmoe.parallel.pp.schedules import (
     stage_to_rank,
 )
 from latentmoe.parallel.pp.stages import EMBEDDING, StageModel, layer_split, stage_specs
-from latentmoe.parallel.pp.timeline import TimelineWindow
+from latentmoe.parallel.pp.timeline import TimelineWindow, replay_idle
 from latentmoe.parallel.runtime import collective_errors, comm_device
 from latentmoe.parallel.topology import ProcessGroups, build_pair_groups, experts_per_rank
 from latentmoe.train import LossStats, StepLoss, StepStats, build_optimizer, claim_run_file
@@ -324,12 +324,18 @@ class PipelineStrategy:
         every = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(every, mine, group=self.groups.world)
         rows = torch.stack(every).cpu()
+        # the chunk order of the last step on every rank of pipeline 0, replayed with the formulas' costs
+        events = [None] * self.world_size
+        dist.all_gather_object(events, [e.to_dict() for e in self.last_events], group=self.groups.world)
+        pipeline0 = [events[r] for r in self.topology.pp_group_ranks(0)]
+        replayed = replay_idle(pipeline0, self.n_stages) if all(pipeline0) else []
         self._window = _Window()
         n = max(steps, 1)
         return {
             "pp_idle_fraction": [round(x, 5) for x in rows[:, 0].tolist()],
             "pp_idle_fraction_max": float(rows[:, 0].max()),
             "pp_microbatches": self._n_microbatches,
+            "pp_replayed_idle_fraction": [round(x, 5) for x in replayed],
             "pp_step_s": float(rows[:, 2].max()) / n,
             "pp_busy_s": [round(x / n, 6) for x in rows[:, 1].tolist()],
             "pp_forward_chunk_s": [round(x, 6) for x in rows[:, 3].tolist()],

@@ -13,6 +13,14 @@ F is the mean forward chunk time; B the mean full backward (B events, or I + W o
 schedule splits it); W the mean weight-gradient chunk. They are the inputs of the formulas, so ``latentmoe plan
 pipeline --measured RUN_DIR`` can put the measured idle fraction beside the one the formula predicts from the
 run's own chunk times.
+
+**Replayed bubble.** Wall-clock gaps on a shared CPU mix the schedule's bubble with everything else the machine
+does. :func:`replay_idle` takes only the *order* in which every rank ran its chunks (what torch's schedule
+actually did, as recorded) and replays it with the formulas' cost model — F = 1, B = 2 (I = W = 1), no
+communication time — honouring the pipeline's dependencies (a stage's forward after the previous stage's, its
+backward after the next stage's, W after I). The idle fraction it gives is the one the formulas describe, for the
+schedule that really ran: 1F1B on 2 ranks with 4 micro-batches replays to exactly (PP−1)(F+B) / ((PP−1)(F+B) +
+4(F+B)) = 20%.
 """
 
 from __future__ import annotations
@@ -120,3 +128,62 @@ def plot_timeline(events_per_rank: Sequence[Sequence[dict]], path: str | os.Path
     path = Path(path)
     fig.savefig(path, dpi=110)
     return path
+
+
+UNIT_COSTS = {"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}  # the formulas' model: B = 2F, W = B/2
+
+
+def replay_idle(events_per_rank: Sequence[Sequence[dict]], n_stages: int,
+                costs: dict[str, float] = UNIT_COSTS) -> list[float]:
+    """Idle fraction of every rank when its recorded chunk order is replayed with ``costs`` (see the module
+    docstring). ``events_per_rank[r]``: rank r's events (``ChunkEvent.to_dict``), in any order (sorted by start).
+    The step ends when the last rank finishes; a rank's idle fraction is 1 − its busy time / that."""
+    queues = [sorted(evs, key=lambda e: (e["start"], e["end"])) for evs in events_per_rank]
+    done: dict[tuple[str, int, int], float] = {}
+    free = [0.0] * len(queues)
+    busy = [0.0] * len(queues)
+    heads = [0] * len(queues)
+
+    def ready(e: dict) -> float | None:
+        """When ``e``'s inputs exist, or None if a dependency has not run yet."""
+        kind, s, mb = e["kind"], e["stage"], e["mb"]
+        deps = []
+        if kind == "F" and s > 0:
+            deps.append(("F", s - 1, mb))
+        if kind in ("B", "I"):
+            deps.append(("F", s, mb))
+            if s < n_stages - 1:
+                deps.append(("dI", s + 1, mb))
+        if kind == "W":
+            deps.append(("I", s, mb))
+        times = []
+        for d in deps:
+            if d not in done:
+                return None
+            times.append(done[d])
+        return max(times, default=0.0)
+
+    remaining = sum(len(q) for q in queues)
+    while remaining:
+        progressed = False
+        for r, q in enumerate(queues):
+            if heads[r] == len(q):
+                continue
+            e = q[heads[r]]
+            t = ready(e)
+            if t is None:
+                continue
+            start = max(free[r], t)
+            end = start + costs[e["kind"]]
+            free[r], busy[r] = end, busy[r] + costs[e["kind"]]
+            key = (e["kind"], e["stage"], e["mb"])
+            done[key] = end
+            if e["kind"] in ("B", "I"):
+                done[("dI", e["stage"], e["mb"])] = end  # the input gradient the previous stage waits for
+            heads[r] += 1
+            remaining -= 1
+            progressed = True
+        if not progressed:
+            raise ValueError("the recorded chunk order cannot be replayed (a dependency never runs)")
+    makespan = max(free)
+    return [1.0 - b / makespan if makespan > 0 else 0.0 for b in busy]
