@@ -231,3 +231,18 @@ def test_a_pp2_ep2_checkpoint_resumes_at_another_layout_with_the_same_next_losse
     for a, b in zip(resumed, ref[2:], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), (layout, a["step"])
     assert resumed[-1]["val_loss"] == pytest.approx(ref[-1]["val_loss"], rel=LOSS_RTOL)
+
+
+@pytest.mark.slow
+def test_a_pp2_ep2_checkpoint_converts_to_the_hf_layout_with_every_tensor(composed, tmp_path):
+    from latentmoe.checkpoint import load_model
+    from latentmoe.hf import convert
+    from latentmoe.hf.load import load_pretrained
+
+    root, _ = composed
+    ckpt = root / "pp" / "checkpoint-000004"
+    convert(ckpt, tmp_path / "hf", to="hf")
+    ours, _ = load_model(ckpt)
+    hf = load_pretrained(tmp_path / "hf").state_dict()
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(hf[name], tensor), name  # experts merged from both EP shards, both stages' layers

@@ -106,7 +106,7 @@ def plot_timeline(events_per_rank: Sequence[Sequence[dict]], path: str | os.Path
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    fig = Figure(figsize=(12, 1.0 + 0.7 * len(events_per_rank)))
+    fig = Figure(figsize=(12, 1.6 + 0.7 * len(events_per_rank)))
     ax = fig.add_subplot()
     for rank, events in enumerate(events_per_rank):
         for e in events:
@@ -122,8 +122,8 @@ def plot_timeline(events_per_rank: Sequence[Sequence[dict]], path: str | os.Path
     ax.set_title(title)
     labels = {"F": "forward", "B": "backward", "I": "backward (input)", "W": "backward (weights)",
               "comm": "exposed EP all-to-all"}
-    ax.legend(handles=[Patch(color=COLOURS[k], label=v) for k, v in labels.items()], loc="upper right",
-              fontsize=7, ncols=5)
+    ax.legend(handles=[Patch(color=COLOURS[k], label=v) for k, v in labels.items()], loc="upper center",
+              bbox_to_anchor=(0.5, -0.18), fontsize=7, ncols=5, frameon=False)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
