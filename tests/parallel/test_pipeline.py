@@ -95,20 +95,27 @@ def _every_schedule(rank: int, world: int, root: str) -> None:
         torch.save({n: p.grad for n, p in model.named_parameters()}, root / f"grads-{schedule}-{rank}.pt")
 
         strategy = pipeline_strategy(rank, world, schedule=schedule, layers=layers)
-        train(train_cfg(root / schedule, eval_every=STEPS), batch_fn=batch_fn, val_fn=val_fn,
-              model=strategy.prepare_model(fresh_model()), handle_signals=False, strategy=strategy)
+        model = strategy.prepare_model(fresh_model())
+        train(train_cfg(root / schedule, eval_every=STEPS), batch_fn=batch_fn, val_fn=val_fn, model=model,
+              handle_signals=False, strategy=strategy)
+        torch.save(_biases(model), root / f"bias-{schedule}-{rank}.pt")
+
+
+def _biases(model) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if k.endswith("e_score_correction_bias")}
 
 
 @pytest.fixture(scope="module")
 def pp2(tmp_path_factory):
     root = tmp_path_factory.mktemp("pp2")
     run_ranks(_every_schedule, 2, str(root), deadline_s=400)
-    single = train(train_cfg(root / "single", eval_every=STEPS), batch_fn=batch_fn, val_fn=val_fn,
-                   model=fresh_model(), handle_signals=False)
+    trained = fresh_model()
+    train(train_cfg(root / "single", eval_every=STEPS), batch_fn=batch_fn, val_fn=val_fn, model=trained,
+          handle_signals=False)
     model = fresh_model()
     SingleProcess().forward_backward(model, batch_fn(0), loss_fn, forward_context=contextlib.nullcontext, stop=False)
     grads = {n: p.grad for n, p in model.named_parameters()}
-    return root, single, grads
+    return root, _biases(trained), grads
 
 
 @pytest.mark.slow
@@ -122,8 +129,22 @@ def test_every_step_loss_equals_the_single_process_run(pp2, schedule):
         assert a["mtp_loss"] == pytest.approx(b["mtp_loss"], rel=LOSS_RTOL)
         assert a["balance_loss"] == pytest.approx(b["balance_loss"], rel=LOSS_RTOL)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=LOSS_RTOL)
+        assert a["expert_load_max_over_mean"] == b["expert_load_max_over_mean"]  # the whole batch's load
         assert a["tokens_seen"] == b["tokens_seen"]
     assert ours[-1]["val_loss"] == pytest.approx(ref[-1]["val_loss"], rel=LOSS_RTOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_router_biases_after_training_equal_the_single_process_ones(pp2, schedule):
+    root, want, _ = pp2
+    got = {}
+    for rank in range(2):
+        got.update(torch.load(root / f"bias-{schedule}-{rank}.pt", weights_only=True))
+    assert set(got) == set(want)
+    for name, bias in want.items():
+        assert bias.abs().sum() > 0
+        torch.testing.assert_close(got[name], bias, rtol=0, atol=1e-7)
 
 
 @pytest.mark.slow
@@ -169,7 +190,16 @@ def _composed(rank: int, world: int, root: str) -> None:
     train(train_cfg(root / "pp", **steps), batch_fn=batch_fn, val_fn=val_fn, model=model, handle_signals=False,
           strategy=strategy)
     final = {k: v.clone() for k, v in model.state_dict().items()}
-    torch.save({k: v for k, v in final.items() if k.endswith("e_score_correction_bias")}, root / f"bias-{rank}.pt")
+    torch.save(_biases(model), root / f"bias-{rank}.pt")
+    # ZeRO-1: the stage's two ranks hold disjoint halves of the dense AdamW state
+    optimizer = strategy.make_optimizer(model, lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    dense = optimizer.families[0]
+    params = [p for g in dense.optimizer.param_groups for p in g["params"]]  # the order of dense.names
+    mine = [n for n, p in zip(dense.names, params, strict=True) if p in dense.optimizer.optim.state]
+    (root / f"zero-{rank}.json").write_text(json.dumps({"mine": mine, "all": dense.names}))
     for name in ("resumed", "ep4"):
         if rank == 0:
             shutil.copytree(root / "pp" / "checkpoint-000002", root / name / "checkpoint-000002")
@@ -220,6 +250,16 @@ def test_pp2_ep2_losses_and_router_biases_equal_one_process(composed):
     for name, bias in want.items():
         assert bias.abs().sum() > 0  # the biases moved
         torch.testing.assert_close(got[name], bias, rtol=0, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_zero1_shards_the_dense_adamw_state_over_the_stage(composed):
+    root, _ = composed
+    for stage_ranks in ((0, 1), (2, 3)):
+        parts = [json.loads((root / f"zero-{r}.json").read_text()) for r in stage_ranks]
+        a, b = (set(p["mine"]) for p in parts)
+        assert a and b and not a & b  # each parameter's moments on exactly one rank of the stage
+        assert a | b == set(parts[0]["all"]) == set(parts[1]["all"])
 
 
 @pytest.mark.slow
