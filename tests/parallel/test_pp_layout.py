@@ -44,6 +44,13 @@ def test_a_world_that_pp_times_ep_does_not_divide_is_refused():
         Topology(world_size=6, rank=0, gpus_per_node=6, ep_size=2, pp_size=2)
 
 
+def test_the_cli_offers_exactly_the_schedules_the_strategy_runs():
+    from latentmoe.cli.ep_report import PP_SCHEDULES
+    from latentmoe.parallel.pp.schedules import SCHEDULE_NAMES
+
+    assert PP_SCHEDULES == SCHEDULE_NAMES
+
+
 def test_stage_placement_loop_and_v():
     assert stage_to_rank(4, 2, "loop") == [0, 1, 0, 1]
     assert stage_to_rank(8, 4, "v") == [0, 1, 2, 3, 3, 2, 1, 0]  # rank 0 holds the first and the last stage

@@ -231,7 +231,7 @@ class PipelineStrategy:
         stats, stop = self._reduce_losses(model, stop)
         load = model.step_load.to(self.device)
         dist.all_reduce(load, group=self.groups.world)
-        return StepStats(stats, load.cpu() if load.device != ids_bS.device else load, stop)
+        return StepStats(stats, load.to(ids_bS.device), stop)
 
     def _reduce_losses(self, model: StageModel, stop: bool) -> tuple[LossStats, bool]:
         n_mtp = model.config.num_nextn_predict_layers
