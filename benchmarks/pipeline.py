@@ -42,6 +42,8 @@ SCHEDULES = ("1f1b", "interleaved", "zb", "dualpipev")
 PLANNER = {"1f1b": "1f1b", "interleaved": "interleaved", "zb": "zb1p", "dualpipev": "dualpipev"}
 PER_RANK = {"1f1b": 1, "interleaved": 2, "zb": 1, "dualpipev": 2}
 KIB = 1024
+FP32_BYTES = 4
+TRAINING_COPIES = 4  # weight, gradient, two AdamW moments per parameter (all fp32 here)
 OVERLAP_NOTE = (
     "the pair's forward runs in a second thread while the backward computes; here 4 ranks (8 threads) share 2 cores "
     "with other jobs, so a thread blocked on a transfer mostly hands its core to another process, not to its twin"
@@ -169,10 +171,10 @@ def pipeline_cases(out: Path, pp: int, world: int, rows: list[dict], plots: list
         state = [r["state_bytes"] for r in ranks]
         rows.append({
             "case": case, "metric": "parameter + gradient + AdamW bytes per stage (rank), max (lower is better)",
-            "ours": max(state), "peer": planner_params * 4 * 4,
+            "ours": max(state), "peer": planner_params * FP32_BYTES * TRAINING_COPIES,
             "peer_name": "planner parameters per device (1x / 2x of a stage, even split) x fp32 x (weight, grad, 2 "
                          "moments)",
-            "ratio": planner_params * 16 / max(state),
+            "ratio": planner_params * FP32_BYTES * TRAINING_COPIES / max(state),
             "goal": "informational (our split is FLOP-balanced, the planner's even)", "met": None,
             "per_rank": state, "peak_rss_bytes_per_rank": [r["peak_rss_bytes"] for r in ranks],
         })
