@@ -1,4 +1,5 @@
-"""``latentmoe ep-report`` and the expert-parallel options of ``train`` (``--ep``, ``--ep-dispatch``, ...)."""
+"""``latentmoe ep-report`` and the parallel options of ``train``: expert (``--ep``, ``--ep-dispatch``, ...) and
+pipeline (``--pp``, ``--pp-schedule``, ``--microbatches``, ``--pp-layers``, ...)."""
 
 from __future__ import annotations
 
@@ -27,11 +28,55 @@ def add_parallel_options(p: argparse.ArgumentParser) -> None:
                    help="dual micro-batch overlap: one half's all-to-all runs while the other half computes")
     g.add_argument("--collective-timeout", type=number(0, MAX_TIMEOUT_S, low_open=True), default=300.0,
                    help="seconds a collective may wait for a peer before the run fails (default %(default)s)")
+    add_pipeline_options(p)
+
+
+PP_SCHEDULES = ("1f1b", "interleaved", "zb", "dualpipev")  # latentmoe.parallel.pp.schedules.SCHEDULE_NAMES
+
+
+def layer_counts(text: str) -> tuple[int, ...]:
+    """``--pp-layers 3,3``: decoder layers per virtual stage."""
+    try:
+        counts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer counts like 3,3, got {text!r}") from None
+    if any(c < 0 for c in counts):
+        raise argparse.ArgumentTypeError(f"layer counts must be >= 0, got {text!r}")
+    return counts
+
+
+def add_pipeline_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pipeline parallelism (world = PP x EP x DP; launch with torchrun)")
+    g.add_argument("--pp", type=positive_int(), default=1, help="pipeline stages over ranks (default 1)")
+    g.add_argument("--pp-schedule", choices=PP_SCHEDULES, default="1f1b",
+                   help="torch.distributed.pipelining schedule: 1f1b, interleaved (2 stages per rank), zb (ZB1P), "
+                   "dualpipev (DeepSeek's DualPipe folded into a V, 2 stages per rank) (default %(default)s)")
+    g.add_argument("--microbatches", type=positive_int(), default=None,
+                   help="micro-batches per pipeline per step (default: the fewest that keep every stage busy)")
+    g.add_argument("--pp-layers", type=layer_counts, default=None, metavar="N,N,...",
+                   help="decoder layers per virtual stage (default: balanced by the planner's per-layer FLOPs)")
+    g.add_argument("--pp-overlap", action="store_true",
+                   help="dualpipev: run each paired forward/backward chunk overlapped (the forward's all-to-alls "
+                   "in flight while the backward computes)")
+    g.add_argument("--no-zero", action="store_true",
+                   help="keep the full AdamW state on every rank (default with --pp: ZeRO-1 over each replica group)")
 
 
 def parallel_config_from_args(args: argparse.Namespace):
+    from latentmoe.parallel.pp.strategy import PipelineConfig
     from latentmoe.parallel.strategy import ParallelConfig
 
+    pipeline = None
+    if getattr(args, "pp", 1) > 1:
+        pipeline = PipelineConfig(
+            pp=args.pp,
+            schedule=args.pp_schedule,
+            microbatches=args.microbatches,
+            layers=args.pp_layers,
+            seq_len=getattr(args, "seq_len", PipelineConfig.seq_len),
+            zero=not args.no_zero,
+            overlap_f_b=args.pp_overlap,
+        ).validate()
     return ParallelConfig(
         ep=args.ep,
         gpus_per_node=args.gpus_per_node,
@@ -39,6 +84,7 @@ def parallel_config_from_args(args: argparse.Namespace):
         combine=args.ep_combine,
         overlap=args.ep_overlap,
         timeout_s=args.collective_timeout,
+        pipeline=pipeline,
     )
 
 

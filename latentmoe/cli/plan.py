@@ -10,6 +10,7 @@ caller prints ``error: ...`` and exits with status 2.
     latentmoe plan decode-limit [--model M] [--hidden H] [--tokens T] [--fanout F] [--gbps G] ... [--json]
     latentmoe plan network [--radix K] [--planes P] [--json] [--plot DIR]
     latentmoe plan all-to-all [--nodes N] [--gpus-per-node G] [--radix K] [--fail-plane P] ... [--json]
+    latentmoe plan pipeline [--model M] [--pp PP] [--microbatches N] [--f F --b B --w W --fb FB] [--measured RUN]
 """
 
 from __future__ import annotations
@@ -216,6 +217,66 @@ def run_decode_limit(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- pipeline
+PIPELINE_F, PIPELINE_B, PIPELINE_W = 1.0, 2.0, 1.0  # chunk times in units of F: B = 2F, W = B/2 (ZB's model)
+PAPER_MICROBATCHES = 20  # TR Fig. 5's example: 8 PP ranks and 20 micro-batches
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    """``latentmoe plan pipeline``: bubble and per-device memory of 1F1B, ZB1P, DualPipe, DualPipeV (TR Table 2),
+    and with ``--measured`` the bubble a training run recorded beside the formula's."""
+    from latentmoe.plan.pipeline import ChunkTimes, measured_pipeline, pipeline_rows, stage_activation_bytes
+
+    arch = load_arch(args.model)
+    pp = args.pp or default_pp(arch)
+    times = ChunkTimes(forward=args.f, backward=args.b, weight=args.w, overlapped=args.fb)
+    activations = stage_activation_bytes(arch, pp, Precision(activation=args.activation_dtype),
+                                         seq_len=args.seq_len, micro_batch=args.micro_batch)
+    rows = pipeline_rows(arch, pp=pp, microbatches=args.microbatches, times=times,
+                         stage_activation_bytes=activations)
+    measured = None
+    if args.measured:
+        from latentmoe.io import read_json
+
+        run = Path(args.measured)
+        layout = read_json(run / "pp_layout.json")
+        metrics = run / "metrics.jsonl"
+        try:
+            records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PlanError(f"{metrics}: unreadable ({exc})") from None
+        measured = measured_pipeline(layout, records)
+    if args.json:
+        out: dict[str, Any] = {"model": arch.name, "pp": pp, "microbatches": args.microbatches,
+                               "times": dataclasses.asdict(times), "rows": [dataclasses.asdict(r) for r in rows]}
+        if measured is not None:
+            out["measured"] = {**dataclasses.asdict(measured), "measured_mean": measured.measured_mean}
+        _print_json(out)
+        return 0
+    print(f"{arch.name}: PP = {pp} stages, {args.microbatches} micro-batches; chunk times F={times.forward:g} "
+          f"B={times.backward:g} W={times.weight:g} F&B={times.f_and_b:g}")
+    header = ("schedule", "bubble formula", "bubble", "idle", "devices", "params/device", "activations/device")
+    table = [(r.schedule, r.formula, f"{r.bubble:g}", f"{r.bubble_fraction:.1%}", str(r.devices),
+              f"{r.params_multiplier}x = {r.device_params / 1e9:.2f} B",
+              f"{r.activation_multiplier} x stage = {r.device_activation_bytes / GIGA:.2f} GB") for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
+    for row in (header, *table):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    if measured is not None:
+        t = measured.times
+        per_rank = ", ".join(f"{x:.1%}" for x in measured.measured_per_rank)
+        print(f"\nmeasured {args.measured}: {measured.schedule}, PP = {measured.pp} stages on {measured.devices} "
+              f"ranks, {measured.microbatches} micro-batches; F={t.forward * MS_PER_S:.2f} ms "
+              f"B={t.backward * MS_PER_S:.2f} ms W={t.weight * MS_PER_S:.2f} ms")
+        print(f"idle fraction (wall clock): measured {measured.measured_mean:.1%} (per rank {per_rank}); "
+              f"formula {measured.formula} predicts {measured.predicted:.1%} from these chunk times")
+        if measured.replayed_per_rank:
+            replayed = ", ".join(f"{x:.1%}" for x in measured.replayed_per_rank)
+            print(f"idle fraction (the run's chunk order replayed with F=1 B=2 W=1): {replayed}; the formula at "
+                  f"those costs: {measured.unit_predicted:.1%}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- network
 def _prices(args: argparse.Namespace) -> UnitPrices:
     paper = paper_unit_prices()
@@ -364,7 +425,7 @@ def add_plan_subcommand(subparsers: argparse._SubParsersAction) -> None:
     add_overwrite_option(plan, "--plot DIR")
     plan.set_defaults(func=run_report)
 
-    sub = plan.add_subparsers(dest="plan_command", metavar="{decode-limit,network,all-to-all}")
+    sub = plan.add_subparsers(dest="plan_command", metavar="{decode-limit,network,all-to-all,pipeline}")
 
     dec = sub.add_parser(
         "decode-limit",
@@ -462,6 +523,30 @@ def add_plan_subcommand(subparsers: argparse._SubParsersAction) -> None:
     _add_hardware_flags(a2a, cluster=False)
     a2a.add_argument("--json", action="store_true")
     a2a.set_defaults(func=run_all_to_all)
+
+    pipe = sub.add_parser(
+        "pipeline",
+        help="pipeline bubbles and memory: 1F1B, ZB1P, DualPipe, DualPipeV (TR Table 2); --measured RUN_DIR",
+        description="Bubble (PP-1)(F+B), (PP-1)(F+B-2W), (PP/2-1)(F&B+B-3W) and the parameters (1x, 1x, 2x, 2x) and "
+        "activations (PP, PP, PP+1, PP+1) per device, for a model and PP; with --measured, the idle fraction a "
+        "`latentmoe train --pp` run recorded beside the formula's prediction from its own chunk times.",
+    )
+    pipe.add_argument("--model", default="deepseek-v3", help="preset name or config.json (default deepseek-v3)")
+    pipe.add_argument("--pp", type=positive_int(MAX_COUNT), help=f"pipeline stages (default {PAPER_PP}, as the paper)")
+    pipe.add_argument("--microbatches", type=positive_int(MAX_COUNT), default=PAPER_MICROBATCHES,
+                      help=f"micro-batches per step (default {PAPER_MICROBATCHES})")
+    pipe.add_argument("--f", type=number(0, MAX_GB, low_open=True), default=PIPELINE_F, help="forward chunk time")
+    pipe.add_argument("--b", type=number(0, MAX_GB, low_open=True), default=PIPELINE_B,
+                      help="full backward chunk time (input + weights)")
+    pipe.add_argument("--w", type=number(0, MAX_GB), default=PIPELINE_W, help="weight-gradient part of B")
+    pipe.add_argument("--fb", type=number(0, MAX_GB, low_open=True), default=None,
+                      help="an overlapped forward+backward pair (default F + B: no overlap)")
+    pipe.add_argument("--seq-len", type=positive_int(MAX_COUNT), default=PAPER_SEQ_LEN)
+    pipe.add_argument("--micro-batch", type=positive_int(MAX_COUNT), default=1, help="sequences per micro-batch")
+    pipe.add_argument("--activation-dtype", default="bf16", choices=sorted(DTYPE_BYTES))
+    pipe.add_argument("--measured", metavar="RUN_DIR", help="a run directory trained with --pp")
+    pipe.add_argument("--json", action="store_true")
+    pipe.set_defaults(func=run_pipeline)
 
 
 def build_parser() -> argparse.ArgumentParser:

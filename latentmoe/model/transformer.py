@@ -214,15 +214,10 @@ class CausalLM(nn.Module):
 
         mtp_logits = []
         if compute_mtp and len(self.mtp) and cache is None:
-            prev_BSD = hidden_BSD
-            for k, module in enumerate(self.mtp, 1):
-                future_BSD = self.model.embed_tokens(shift_tokens_left(input_ids_BS, k))
-                out = module.block(module.combine(prev_BSD, future_BSD), cos_SR, sin_SR)
-                prev_BSD = out.hidden_BSD
-                if out.load_E is not None:
-                    loads.append(out.load_E)
-                    balance = balance + out.balance_loss
-                mtp_logits.append(self.lm_head(module.shared_head.norm(prev_BSD)))
+            mtp_logits, balance = run_mtp(
+                self.mtp, self.model.embed_tokens, self.lm_head, hidden_BSD, input_ids_BS, cos_SR, sin_SR,
+                loads=loads, balance=balance,
+            )
 
         expert_load = torch.stack(loads) if loads else torch.zeros(0, self.config.n_routed_experts)
         return CausalLMOutput(logits, mtp_logits, expert_load.detach(), balance, hidden_BSD)
@@ -267,6 +262,36 @@ class CausalLM(nn.Module):
         h_BSD = module.combine(prev_hidden_BSD, self.model.embed_tokens(future_ids_BS))
         out = module.block(h_BSD, cos_SR, sin_SR, cache=cache, start_pos=start_pos, attention=attention)
         return out.hidden_BSD, self.lm_head(module.shared_head.norm(out.hidden_BSD))
+
+
+def run_mtp(
+    modules: nn.ModuleList,
+    embed_tokens: nn.Embedding,
+    lm_head: nn.Linear,
+    hidden_BSD: torch.Tensor,
+    input_ids_BS: torch.Tensor,
+    cos_SR: torch.Tensor,
+    sin_SR: torch.Tensor,
+    *,
+    loads: list[torch.Tensor],
+    balance: torch.Tensor,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The MTP modules in sequence over the main model's final hidden state (training forward, no cache).
+
+    Depth k embeds t_{i+k} with the main model's ``embed_tokens`` and predicts with its ``lm_head`` (docs/mtp.md).
+    Each MoE block's load is appended to ``loads``; returns the logits per depth and ``balance`` plus the blocks'
+    balance losses. (``CausalLM.forward`` and the last pipeline stage both run it.)"""
+    logits = []
+    prev_BSD = hidden_BSD
+    for k, module in enumerate(modules, 1):
+        future_BSD = embed_tokens(shift_tokens_left(input_ids_BS, k))
+        out = module.block(module.combine(prev_BSD, future_BSD), cos_SR, sin_SR)
+        prev_BSD = out.hidden_BSD
+        if out.load_E is not None:
+            loads.append(out.load_E)
+            balance = balance + out.balance_loss
+        logits.append(lm_head(module.shared_head.norm(prev_BSD)))
+    return logits, balance
 
 
 def empty_model(

@@ -1,4 +1,5 @@
-"""Expert parallelism on torch.distributed: topology, dispatch/combine, traffic accounting, EPLB, overlap.
+"""Expert and pipeline parallelism on torch.distributed: topology, dispatch/combine, traffic accounting, EPLB,
+overlap, pipeline stages and schedules.
 
 docs/expert-parallel.md explains the design. The pieces:
 
@@ -13,7 +14,10 @@ docs/expert-parallel.md explains the design. The pieces:
 * ``strategy``  — :class:`ExpertParallelStrategy`, the trainer's Strategy for EP + DP runs (batch sharding,
   gradient reduction, global grad norm, metrics), and :func:`start_strategy`;
 * ``checkpoint`` — the collective steps of sharded checkpoints (the format is ``latentmoe.checkpoint``'s);
-* ``report``    — ``latentmoe ep-report RUN_DIR``.
+* ``report``    — ``latentmoe ep-report RUN_DIR``;
+* ``grads``     — dense / routed-expert gradient reductions shared by the strategies;
+* ``pp``        — pipeline parallelism on torch.distributed.pipelining (stages, schedules incl. DualPipeV, the
+  PP × EP × DP strategy with ZeRO-1, resharding checkpoints, the measured schedule): docs/dualpipe.md.
 
 Nothing here runs at import time; torch.distributed is started only by :func:`init_distributed`.
 """

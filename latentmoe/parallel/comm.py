@@ -10,6 +10,11 @@ its gradient back — so gradients flow through dispatch and combine to the toke
 their home rank. For a lossy codec the backward is straight-through (the gradient of decode∘encode is
 taken as the identity) and travels in the codec's ``grad_dtype``.
 
+The backward exchange may run on a process group of its own (``backward_group``, the same ranks): DualPipe's
+overlapped chunk pairs run one micro-batch's forward and another's backward at the same time, from two threads,
+and collectives of two threads may only share a group if every rank issued them in one order
+(``latentmoe.parallel.pp.overlap``).
+
 Asynchronous use: :func:`exchange_start` encodes and launches the transfer (``async_op=True``) and
 returns a :class:`PendingExchange`; its :meth:`~PendingExchange.wait` blocks until the rows have arrived
 and decodes them. Compute placed between the two overlaps the transfer (dual micro-batch overlap). The
@@ -83,8 +88,10 @@ class PendingExchange:
         codec: Codec,
         backward_meter: ByteMeter | None,
         clock: CommClock | None,
+        backward_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.x_ND, self.send_counts, self.recv_counts, self.group = x_ND, send_counts, recv_counts, group
+        self.backward_group = group if backward_group is None else backward_group
         self.codec, self.backward_meter, self.clock = codec, backward_meter, clock
         with torch.no_grad():
             wire = codec.encode(x_ND.detach())
@@ -120,7 +127,7 @@ class PendingExchange:
         wire = grad_MD.to(self.codec.grad_dtype(grad_MD.dtype)).contiguous()
         if self.backward_meter is not None:
             self.backward_meter(_bytes_per_peer(self.recv_counts, math.prod(wire.shape[1:]) * wire.element_size()))
-        out, _ = _launch(wire, self.recv_counts, self.send_counts, self.group, async_op=False)
+        out, _ = _launch(wire, self.recv_counts, self.send_counts, self.backward_group, async_op=False)
         return out.to(self.x_ND.dtype)
 
 
@@ -147,8 +154,10 @@ def exchange_start(
     codec: Codec = FP32,
     backward_meter: ByteMeter | None = None,
     clock: CommClock | None = None,
+    backward_group: dist.ProcessGroup | None = None,
 ) -> PendingExchange:
-    """Encode ``x_ND [sum(send_counts), D]`` and launch the exchange; read the rows with ``.wait()``."""
+    """Encode ``x_ND [sum(send_counts), D]`` and launch the exchange; read the rows with ``.wait()``. The gradient
+    goes back over ``backward_group`` (default ``group``)."""
     if x_ND.shape[0] != sum(send_counts):
         raise ValueError(f"exchange: {x_ND.shape[0]} rows to send but send_counts sum to {sum(send_counts)}")
     return PendingExchange(
@@ -159,6 +168,7 @@ def exchange_start(
         codec=codec,
         backward_meter=backward_meter,
         clock=clock,
+        backward_group=backward_group,
     )
 
 

@@ -224,6 +224,9 @@ class ExpertParallel:
             raise ValueError(f"placement is for EP size {placement.ep_size}, the topology has {topo.ep_size}")
         self.groups = groups
         self.group: dist.ProcessGroup | None = groups.ep
+        # Gradients of the exchanges travel on a group of their own when the pipeline overlaps chunk pairs.
+        backward = groups.ep_backward
+        self.backward_group: dist.ProcessGroup | None = backward if backward is not None else groups.ep
         self.placement = placement
         self.dispatch_codec = codec(dispatch, allowed=DISPATCH_CODECS, role="dispatch")
         self.combine_codec = codec(combine, allowed=COMBINE_CODECS, role="combine")
@@ -332,6 +335,7 @@ class ExpertParallel:
             codec=self.dispatch_codec,
             backward_meter=self._backward_meter,
             clock=self.clock,
+            backward_group=self.backward_group,
         )
         flight.meta = exchange_start(
             meta_NK2,
@@ -341,6 +345,7 @@ class ExpertParallel:
             codec=FP32,
             backward_meter=self._meta_meter,
             clock=self.clock,
+            backward_group=self.backward_group,
         )
         self._charge("dispatch", flight.x.sent_bytes_per_peer)
         self._meta_meter(flight.meta.sent_bytes_per_peer)
@@ -363,6 +368,7 @@ class ExpertParallel:
             codec=self.combine_codec,
             backward_meter=self._backward_meter,
             clock=self.clock,
+            backward_group=self.backward_group,
         )
         self._charge("combine", flight.y.sent_bytes_per_peer)
 

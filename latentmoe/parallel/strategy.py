@@ -35,7 +35,6 @@ from torch import nn
 
 from latentmoe.config import ConfigError, ModelConfig
 from latentmoe.io import write_json_atomic
-from latentmoe.model.moe import is_expert_parameter
 from latentmoe.parallel.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
 from latentmoe.parallel.ep import (
     enable_expert_parallel,
@@ -44,6 +43,8 @@ from latentmoe.parallel.ep import (
     reset_traffic,
     total_traffic,
 )
+from latentmoe.parallel.grads import all_reduce_grads, split_named_params, sum_sq
+from latentmoe.parallel.pp.strategy import PipelineConfig
 from latentmoe.parallel.runtime import (
     DEFAULT_TIMEOUT_S,
     collective_errors,
@@ -53,7 +54,18 @@ from latentmoe.parallel.runtime import (
 )
 from latentmoe.parallel.topology import ProcessGroups, Topology, TopologyError, build_groups, experts_per_rank
 from latentmoe.parallel.traffic import TrafficCounters, summarize_over_ranks
-from latentmoe.train import LossStats, SingleProcess, Strategy, claim_run_file, evaluate
+from latentmoe.train import (
+    ForwardContext,
+    LossFn,
+    LossStats,
+    SingleProcess,
+    StepStats,
+    Strategy,
+    build_optimizer,
+    claim_run_file,
+    evaluate,
+    forward_backward_whole,
+)
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s epsilon, so the clip factor matches the single process
 LAYOUT_FILE = "ep_layout.json"
@@ -65,7 +77,8 @@ class ParallelConfig:
 
     ep: EP size (ranks sharing one copy of the experts; must divide the world size and n_routed_experts);
     gpus_per_node: ranks per node (None: all ranks on one node); dispatch / combine: payload codecs;
-    overlap: dual micro-batch overlap in the MoE layers; timeout_s: collective timeout.
+    overlap: dual micro-batch overlap in the MoE layers; timeout_s: collective timeout; pipeline: the pipeline
+    half (``--pp`` and friends; None or ``pp == 1``: no pipeline, this module's strategy).
     """
 
     ep: int = 1
@@ -74,6 +87,11 @@ class ParallelConfig:
     combine: str = "fp32"
     overlap: bool = False
     timeout_s: float = DEFAULT_TIMEOUT_S
+    pipeline: PipelineConfig | None = None
+
+    @property
+    def pp(self) -> int:
+        return self.pipeline.pp if self.pipeline is not None else 1
 
     def topology(self, rank: int, world_size: int) -> Topology:
         return Topology(
@@ -81,6 +99,7 @@ class ParallelConfig:
             rank=rank,
             gpus_per_node=self.gpus_per_node or world_size,
             ep_size=self.ep,
+            pp_size=self.pp,
         )
 
 
@@ -113,6 +132,9 @@ class ExpertParallelStrategy:
             )
         return model
 
+    def make_optimizer(self, model: nn.Module, **kw: Any) -> torch.optim.Optimizer:
+        return build_optimizer(model, **kw)
+
     def shard_batch(self, ids_BS: torch.Tensor) -> torch.Tensor:
         """This rank's rows of the global batch."""
         B = ids_BS.shape[0]
@@ -134,6 +156,13 @@ class ExpertParallelStrategy:
         self._window_exposed_s += exposed_comm_seconds(model)
 
     # ------------------------------------------------------------------ reductions
+    def forward_backward(
+        self, model: nn.Module, ids_bS: torch.Tensor, loss_fn: LossFn, *, forward_context: ForwardContext,
+        stop: bool,
+    ) -> StepStats:
+        """The whole model on this rank's rows (experts across the EP group): losses and load all-reduced."""
+        return forward_backward_whole(self, model, ids_bS, loss_fn, forward_context=forward_context, stop=stop)
+
     def reduce_losses(
         self, total: torch.Tensor, main: torch.Tensor, mtp: Sequence[torch.Tensor], balance: torch.Tensor | None,
         *, stop: bool,
@@ -163,18 +192,18 @@ class ExpertParallelStrategy:
     def reduce_gradients(self, model: nn.Module) -> None:
         """Average dense gradients over the world and expert gradients over the expert-DP group (÷ world)."""
         dense, expert = _split_params(model)
-        _all_reduce_grads([p for p in dense if p.grad is not None], self.groups.world, self.world_size)
+        all_reduce_grads([p for p in dense if p.grad is not None], self.groups.world, self.world_size)
         for p in expert:  # an expert slice no token reached still steps, as in the single process
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        _all_reduce_grads(expert, self.groups.expert_dp, self.world_size)
+        all_reduce_grads(expert, self.groups.expert_dp, self.world_size)
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Clip by the global norm (dense grads are identical on every rank; expert grads differ over the EP
         group); returns the norm before clipping, the same on every rank."""
         dense, expert = _split_params(model)
-        dense_sq = _sum_sq((p.grad for p in dense if p.grad is not None), self.device)
-        expert_sq = _sum_sq((p.grad for p in expert if p.grad is not None), self.device)
+        dense_sq = sum_sq((p.grad for p in dense if p.grad is not None), self.device)
+        expert_sq = sum_sq((p.grad for p in expert if p.grad is not None), self.device)
         if self.groups.ep is not None:
             dist.all_reduce(expert_sq, group=self.groups.ep)
         total = (dense_sq + expert_sq).sqrt()
@@ -262,54 +291,38 @@ class ExpertParallelStrategy:
 
 
 def _split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    dense, expert, seen = [], [], set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (expert if is_expert_parameter(name) else dense).append(p)
-    return dense, expert
-
-
-def _sum_sq(grads: Iterable[torch.Tensor], device: torch.device) -> torch.Tensor:
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    for g in grads:
-        total = total + g.detach().float().pow(2).sum().to(device)
-    return total
-
-
-def _all_reduce_grads(params: list[nn.Parameter], group, divide_by: int) -> None:
-    """One flat all-reduce(SUM) of the gradients, then ÷ ``divide_by`` (the world: grad of the global mean)."""
-    if not params:
-        return
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    if group is not None:
-        dist.all_reduce(flat, group=group)
-    flat /= divide_by
-    offset = 0
-    for p in params:
-        n = p.grad.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-        offset += n
+    dense, expert = split_named_params(model)
+    return [p for _, p in dense], [p for _, p in expert]
 
 
 # ---------------------------------------------------------------------------------------------- set-up
 
 
 def start_strategy(parallel: ParallelConfig | None = None, *, device: str | torch.device | None = None) -> Strategy:
-    """The strategy for this process: :class:`SingleProcess` outside torchrun (with ``--ep 1``), else start
-    torch.distributed from torchrun's environment (gloo on CPU, NCCL on CUDA) and build the groups.
+    """The strategy for this process: :class:`SingleProcess` outside torchrun (with ``--ep 1 --pp 1``), else start
+    torch.distributed from torchrun's environment (gloo on CPU, NCCL on CUDA) and build the groups:
+    :class:`~latentmoe.parallel.pp.strategy.PipelineStrategy` with ``--pp > 1``, :class:`ExpertParallelStrategy`
+    otherwise.
 
     Raises :class:`TopologyError` for a layout that cannot work (e.g. ``--ep 4`` on 2 processes)."""
     parallel = parallel or ParallelConfig()
     _, world_size, _ = env_world()
-    if world_size == 1 and parallel.ep == 1:
+    if world_size == 1 and parallel.ep == 1 and parallel.pp == 1:
         return SingleProcess()
-    if parallel.ep > world_size:
+    needed = parallel.ep * parallel.pp
+    if needed > world_size:
+        flags = " x ".join(f for f in (f"--pp {parallel.pp}" if parallel.pp > 1 else "",
+                                        f"--ep {parallel.ep}" if parallel.ep > 1 else "") if f)
         raise TopologyError(
-            f"--ep {parallel.ep} needs at least {parallel.ep} processes, this run has {world_size} "
+            f"{flags} needs at least {needed} processes, this run has {world_size} "
             "(launch with torchrun --nproc-per-node N)"
         )
+    topology = parallel.topology(env_world()[0], world_size)  # layout errors before any process group starts
     init_distributed(device=device, timeout_s=parallel.timeout_s)
-    groups = build_groups(parallel.topology(dist.get_rank(), dist.get_world_size()))
+    overlap_pairs = parallel.pipeline is not None and parallel.pipeline.overlap_f_b
+    groups = build_groups(topology, ep_backward=overlap_pairs)
+    if parallel.pp > 1:
+        from latentmoe.parallel.pp.strategy import PipelineStrategy
+
+        return PipelineStrategy(groups, parallel, parallel.pipeline)
     return ExpertParallelStrategy(groups, parallel)

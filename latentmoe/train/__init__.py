@@ -11,7 +11,16 @@ from latentmoe.train.evaluate import evaluate
 from latentmoe.train.metrics import MetricsWriter, NullMetrics, clean_record, plot_expert_load, plot_loss, read_metrics
 from latentmoe.train.optim import build_optimizer, lr_at
 from latentmoe.train.run_dir import DEMO_KIND, RunDirectoryError, RunPlan, claim_run_file, plan_run
-from latentmoe.train.strategy import LossStats, SingleProcess, Strategy
+from latentmoe.train.strategy import (
+    ForwardContext,
+    LossFn,
+    LossStats,
+    SingleProcess,
+    StepLoss,
+    StepStats,
+    Strategy,
+    forward_backward_whole,
+)
 from latentmoe.train.trainer import (
     Trainer,
     TrainingError,
@@ -23,12 +32,16 @@ from latentmoe.train.trainer import (
 
 __all__ = [
     "DEMO_KIND",
+    "ForwardContext",
+    "LossFn",
     "LossStats",
     "MetricsWriter",
     "NullMetrics",
     "RunDirectoryError",
     "RunPlan",
     "SingleProcess",
+    "StepLoss",
+    "StepStats",
     "Strategy",
     "TrainConfig",
     "TrainResult",
@@ -39,6 +52,7 @@ __all__ = [
     "claim_run_file",
     "clean_record",
     "evaluate",
+    "forward_backward_whole",
     "lr_at",
     "plan_run",
     "plot_expert_load",

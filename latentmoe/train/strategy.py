@@ -3,11 +3,15 @@
 The :class:`~latentmoe.train.trainer.Trainer` runs the same loop whatever the layout; every place where one
 process and W processes differ is a method here::
 
-    prepare_model(model)            shard what this rank holds (experts over the EP group, ...) in place
+    prepare_model(model)            shard what this rank holds (experts over the EP group, layers over the
+                                    pipeline stages, ...) in place, or return the part of it this rank holds
+    make_optimizer(model, ...)      the optimizer of this rank's parameters (ZeRO shards its state)
     shard_batch(ids_BS)             this rank's rows of the global batch
     begin_step / end_step           per-step bookkeeping (communication counters)
-    reduce_losses(...)              global means of the step's losses + "does any rank want to stop?"
-    sum(t)                          a global sum (the expert load that drives the router-bias update)
+    forward_backward(model, ids, loss_fn, ...)
+                                    forward, loss, backward of this rank's rows -> StepStats: the global mean
+                                    losses, the expert load of the whole global batch, "does any rank want to
+                                    stop?" (a pipeline schedule runs forward and backward itself, interleaved)
     reduce_and_clip(model, c)       gradients reduced to those of the global mean loss, clipped by the global norm
     all_finite(flag)                True only when every rank says True (non-finite weights stop all ranks)
     evaluate(model, batches, ...)   validation loss over the batches' rows split across ranks
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,6 +39,7 @@ from torch import nn
 from latentmoe.checkpoint import load_checkpoint, save_checkpoint
 from latentmoe.config import ModelConfig
 from latentmoe.train.evaluate import evaluate
+from latentmoe.train.optim import build_optimizer
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,33 @@ class LossStats:
         return math.isfinite(self.total)
 
 
+@dataclass(frozen=True)
+class StepLoss:
+    """One forward's losses as tensors: ``total`` is what backward differentiates; ``main``, ``mtp`` (one per
+    depth) and ``balance`` (the unweighted sequence-wise balance loss, None without MoE) are its parts."""
+
+    total: torch.Tensor
+    main: torch.Tensor
+    mtp: list[torch.Tensor]
+    balance: torch.Tensor | None
+
+
+# (model output with .logits / .mtp_logits / .balance_loss, ids_bS) -> StepLoss: the trainer's loss definition.
+LossFn = Callable[[Any, torch.Tensor], StepLoss]
+ForwardContext = Callable[[], contextlib.AbstractContextManager]  # entered around every forward (autocast)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one forward-backward reports. ``losses``: global means; ``expert_load``: ``[n_moe_layers, E]`` fp32
+    assignment counts summed over the whole global batch (every rank gets the same tensor; it drives the
+    router-bias update); ``stop``: some rank asked to stop after this step."""
+
+    losses: LossStats
+    expert_load: torch.Tensor
+    stop: bool
+
+
 class Strategy(Protocol):
     """How a run is laid over processes; see the module docstring for what each method means."""
 
@@ -59,18 +91,18 @@ class Strategy(Protocol):
 
     def prepare_model(self, model: nn.Module) -> nn.Module: ...
 
+    def make_optimizer(self, model: nn.Module, **kw: Any) -> torch.optim.Optimizer: ...
+
     def shard_batch(self, ids_BS: torch.Tensor) -> torch.Tensor: ...
 
     def begin_step(self, model: nn.Module) -> None: ...
 
     def end_step(self, model: nn.Module) -> None: ...
 
-    def reduce_losses(
-        self, total: torch.Tensor, main: torch.Tensor, mtp: Sequence[torch.Tensor], balance: torch.Tensor | None,
-        *, stop: bool,
-    ) -> tuple[LossStats, bool]: ...
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor: ...
+    def forward_backward(
+        self, model: nn.Module, ids_bS: torch.Tensor, loss_fn: LossFn, *, forward_context: ForwardContext,
+        stop: bool,
+    ) -> StepStats: ...
 
     def reduce_and_clip(self, model: nn.Module, max_norm: float) -> torch.Tensor: ...
 
@@ -109,6 +141,9 @@ class SingleProcess:
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model
 
+    def make_optimizer(self, model: nn.Module, **kw: Any) -> torch.optim.Optimizer:
+        return build_optimizer(model, **kw)
+
     def shard_batch(self, ids_BS: torch.Tensor) -> torch.Tensor:
         return ids_BS
 
@@ -117,6 +152,12 @@ class SingleProcess:
 
     def end_step(self, model: nn.Module) -> None:
         pass
+
+    def forward_backward(
+        self, model: nn.Module, ids_bS: torch.Tensor, loss_fn: LossFn, *, forward_context: ForwardContext,
+        stop: bool,
+    ) -> StepStats:
+        return forward_backward_whole(self, model, ids_bS, loss_fn, forward_context=forward_context, stop=stop)
 
     def reduce_losses(
         self, total: torch.Tensor, main: torch.Tensor, mtp: Sequence[torch.Tensor], balance: torch.Tensor | None,
@@ -170,3 +211,29 @@ class SingleProcess:
 
     def errors(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
+
+
+class _LossReducer(Protocol):
+    def reduce_losses(
+        self, total: torch.Tensor, main: torch.Tensor, mtp: Sequence[torch.Tensor], balance: torch.Tensor | None,
+        *, stop: bool,
+    ) -> tuple[LossStats, bool]: ...
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
+def forward_backward_whole(
+    strategy: _LossReducer, model: nn.Module, ids_bS: torch.Tensor, loss_fn: LossFn, *,
+    forward_context: ForwardContext, stop: bool,
+) -> StepStats:
+    """One forward of the whole model over this rank's rows, the loss, and its backward — skipped when the global
+    loss is not finite (the step is then dropped by the trainer). ``strategy`` reduces the losses and the load."""
+    with forward_context():
+        out = model(ids_bS)
+        loss = loss_fn(out, ids_bS)
+    # Global means; the stop flag rides along, so every rank takes the same branch.
+    stats, stop = strategy.reduce_losses(loss.total, loss.main, loss.mtp, loss.balance, stop=stop)
+    load = strategy.sum(out.expert_load)
+    if stats.finite:
+        loss.total.backward()
+    return StepStats(stats, load, stop)

@@ -6,8 +6,10 @@ One step, in order (DeepSeek-V3 report §3.3 and §4.2)::
     ids     = batch_fn(step)                                [B, S], a pure function of (seed, step)
     out     = model(ids)                                    logits, MTP logits, expert load, balance loss
     loss    = main + λ/D·Σ_k mtp_k + α·balance              λ = mtp_lambda, α = balance_alpha
+    loss.backward()                                         (these three are Strategy.forward_backward: a pipeline
+                                                            schedule runs them per micro-batch, interleaved)
     if loss is not finite: skip (no update at all), count it, move on to the next batch
-    loss.backward(); clip the global grad norm to grad_clip (a non-finite norm also skips the step)
+    clip the global grad norm to grad_clip (a non-finite norm also skips the step)
     AdamW step (decay on matrices only)
     model.update_router_biases(out.expert_load, γ)          aux-loss-free balancing, outside autograd
 
@@ -77,9 +79,9 @@ from latentmoe.train.metrics import (
     plot_expert_load,
     plot_loss,
 )
-from latentmoe.train.optim import build_optimizer, lr_at
+from latentmoe.train.optim import lr_at
 from latentmoe.train.run_dir import RunPlan, claim_run_file, plan_run
-from latentmoe.train.strategy import SingleProcess, Strategy
+from latentmoe.train.strategy import SingleProcess, StepLoss, Strategy
 
 log = logging.getLogger("latentmoe")
 
@@ -177,7 +179,10 @@ def weights_finite(model: nn.Module) -> bool:
 
 
 def moe_layer_labels(model: nn.Module) -> list[str]:
-    """Row labels for ``expert_load``: main-model MoE layers by index, then the MTP blocks."""
+    """Row labels for ``expert_load``: main-model MoE layers by index, then the MTP blocks (a model holding only
+    part of the layers, e.g. one pipeline stage, names the rows itself with ``moe_layer_labels()``)."""
+    if hasattr(model, "moe_layer_labels"):
+        return model.moe_layer_labels()
     try:
         labels = [f"layer {i}" for i, b in enumerate(model.model.layers) if b.is_moe]
         labels += [f"MTP {k}" for k, m in enumerate(model.mtp, 1) if m.block.is_moe]
@@ -227,7 +232,7 @@ class Trainer:
 
             # In place, sharing the Parameter objects: state dicts and checkpoints stay fp32.
             convert_to_fp8(model)
-        self.optimizer = build_optimizer(
+        self.optimizer = self.strategy.make_optimizer(
             model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, moments=cfg.adam_moments
         )
         self.step = 0
@@ -306,19 +311,16 @@ class Trainer:
         ids = self.strategy.shard_batch(ids)  # this rank's rows
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device, cfg.precision):
-            out = self.model(ids)
-            losses = causal_lm_loss(out, ids, mtp_lambda=cfg.mtp_lambda)
-            loss = losses.total
-            if cfg.balance_alpha and out.balance_loss is not None:
-                loss = loss + cfg.balance_alpha * out.balance_loss
-        # Global means; the stop flag rides along, so every rank takes the same branch below.
-        stats, self._stop_agreed = self.strategy.reduce_losses(
-            loss, losses.main, losses.mtp, out.balance_loss, stop=self._stop_signal is not None
+        # Forward, loss and backward (a pipeline schedule interleaves them over micro-batches); the losses are global
+        # means and the stop flag rides along, so every rank takes the same branch below.
+        step_stats = self.strategy.forward_backward(
+            self.model, ids, self.loss, forward_context=lambda: autocast(self.device, cfg.precision),
+            stop=self._stop_signal is not None,
         )
+        stats, self._stop_agreed = step_stats.losses, step_stats.stop
         if not stats.finite:
+            self.optimizer.zero_grad(set_to_none=True)
             return None
-        loss.backward()
         grad_norm = self.strategy.reduce_and_clip(self.model, cfg.grad_clip)
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -331,8 +333,8 @@ class Trainer:
                 f"checkpoint, {latest_checkpoint(self.out_dir)}, is the last good one"
             )
         # The router bias is a buffer, not a parameter: it moves by ±γ outside autograd, after the
-        # weights, using this step's (global) load, and only changes which experts are selected.
-        load = self.strategy.sum(out.expert_load)
+        # weights, using the load of this step's whole global batch, and only changes which experts are selected.
+        load = step_stats.expert_load
         self.model.update_router_biases(load, cfg.bias_gamma)
         self._in_update = False
         self.optimizer.zero_grad(set_to_none=True)
@@ -346,6 +348,15 @@ class Trainer:
             "load": load.detach().float().cpu(),
             "tokens": tokens,
         }
+
+    def loss(self, out: Any, ids_bS: torch.Tensor) -> StepLoss:
+        """The training loss of one forward: main + λ/D·Σ_k mtp_k + α·balance (TR §2.1.2, §2.2)."""
+        cfg = self.cfg
+        losses = causal_lm_loss(out, ids_bS, mtp_lambda=cfg.mtp_lambda)
+        total = losses.total
+        if cfg.balance_alpha and out.balance_loss is not None:
+            total = total + cfg.balance_alpha * out.balance_loss
+        return StepLoss(total, losses.main, losses.mtp, out.balance_loss)
 
     def validation_loss(self) -> float | None:
         if self.val_fn is None:
