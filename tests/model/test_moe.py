@@ -1,9 +1,11 @@
 """DeepSeekMoE routing, balancing and grouped experts against hand-made cases and naive loops."""
 
+import pytest
 import torch
 
 from latentmoe import ModelConfig
-from latentmoe.model.moe import Experts, MoE, experts_reference, route, update_bias
+from latentmoe.model.moe import Experts, MoE, route, sequence_balance_loss, update_bias
+from tests.reference.moe import experts_reference, sequence_balance_loss_reference
 
 V3 = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
 
@@ -104,7 +106,8 @@ def test_grouped_experts_equal_per_token_loop():
     idx[:, 1] = (idx[:, 0] + 1) % 6
     idx[:, 2] = (idx[:, 0] + 2) % 6
     w = torch.rand(40, 3, dtype=torch.float64)
-    torch.testing.assert_close(experts(x, idx, w), experts_reference(experts, x, idx, w))
+    ref = experts_reference(experts.gate_proj, experts.up_proj, experts.down_proj, x, idx, w)
+    torch.testing.assert_close(experts(x, idx, w), ref, rtol=1e-10, atol=1e-12)
 
 
 def test_moe_layer_reports_load_and_grads_flow_to_chosen_experts_only():
@@ -121,3 +124,48 @@ def test_moe_layer_reports_load_and_grads_flow_to_chosen_experts_only():
     grad_norm = moe.experts.gate_proj.grad.flatten(1).norm(dim=1)
     assert torch.all(grad_norm[used] > 0) and torch.all(grad_norm[~used] == 0)
     assert moe.gate.e_score_correction_bias.grad is None and not moe.gate.e_score_correction_bias.requires_grad
+
+
+def test_sequence_balance_loss_by_hand():
+    """TR eq. 17-20 on one sequence of T=2 tokens, E=N_r=4 experts, K_r=2.
+
+    Token 0 affinities (1, 1, 1, 1) choose {0, 1}; token 1 affinities (3, 1, 0, 0) choose {0, 1}.
+    s' = s / sum: token 0 (1/4, 1/4, 1/4, 1/4), token 1 (3/4, 1/4, 0, 0) -> P = (1/2, 1/4, 1/8, 1/8).
+    f_i = N_r / (K_r T) * count_i = 4/4 * (2, 2, 0, 0) = (2, 2, 0, 0).  L = 2 * 1/2 + 2 * 1/4 = 1.5.
+    A second sequence whose load is perfectly balanced gives f = (1, 1, 1, 1), L = sum P = 1; the batch
+    value is the mean over sequences, (1.5 + 1) / 2 = 1.25.
+    """
+    scores = torch.tensor([[[1.0, 1.0, 1.0, 1.0], [3.0, 1.0, 0.0, 0.0]],
+                           [[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]]])
+    topk = torch.tensor([[[0, 1], [1, 0]], [[3, 2], [0, 1]]])
+    assert sequence_balance_loss(scores[:1], topk[:1], 4).item() == pytest.approx(1.5, abs=1e-6)
+    assert sequence_balance_loss(scores[1:], topk[1:], 4).item() == pytest.approx(1.0, abs=1e-6)
+    assert sequence_balance_loss(scores, topk, 4).item() == pytest.approx(1.25, abs=1e-6)
+
+
+def test_moe_layer_balance_loss_is_eq_17_to_20_over_each_sequence():
+    """The MoE layer in training mode reports L_Bal of its own routing, per sequence then averaged
+    (float64 loops); in eval mode it reports 0; the loss has a gradient into the router weight only via P."""
+    torch.manual_seed(5)
+    config = ModelConfig.from_preset("tiny")
+    moe = MoE(config).train()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    B, S = 3, 7
+    x = torch.randn(B, S, config.hidden_size)
+    out = moe(x)
+    routing = moe.gate(x.reshape(B * S, -1))
+    E, K = config.n_routed_experts, config.num_experts_per_tok
+    expected = sequence_balance_loss_reference(
+        routing.scores_TE.view(B, S, E), routing.topk_idx_TK.view(B, S, K), E
+    )
+    assert out.balance_loss.item() == pytest.approx(expected, rel=1e-6)
+    # the batch value is not the loss of the batch taken as one long sequence
+    as_one = sequence_balance_loss_reference(
+        routing.scores_TE.view(1, B * S, E), routing.topk_idx_TK.view(1, B * S, K), E
+    )
+    assert abs(as_one - expected) > 1e-3
+    out.balance_loss.backward()
+    assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0
+    assert moe.experts.gate_proj.grad is None  # f_i counts choices: no gradient reaches the experts
+    assert moe.eval()(x).balance_loss.item() == 0.0
