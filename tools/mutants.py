@@ -12,10 +12,11 @@ What this script does:
    (``subprocess``, ``run_ranks``) are left out, because a mutant lives only in mutmut's own process;
 2. lays out ``.mutants/`` (git-ignored, recognised by its marker file): fresh copies of ``latentmoe/`` and
    ``tests/`` and a pyproject.toml holding the mutmut settings for this module and the project's pytest
-   settings; mutmut keeps its results in ``.mutants/mutants/``, so a second run only retests what changed;
+   settings. mutmut keeps its results in ``.mutants/mutants/``; they are cleared first (mutmut retests only
+   functions whose source changed, and would keep a survivor that a new test now kills), unless ``--keep``;
 3. runs ``mutmut run`` there (one torch thread per worker, ``--max-children`` workers) and prints the survivors.
 
-Options: ``--tests`` overrides the selection; ``--max-children`` (default 2); extra arguments after ``--`` go
+Options: ``--tests`` overrides the selection; ``--max-children`` (default 2); ``--keep``; arguments after ``--`` go
 to ``mutmut run`` (e.g. a mutant-name pattern ``"latentmoe.model.moe.x_route*"``). Browse results with
 ``cd .mutants && mutmut browse`` or ``mutmut show NAME``.
 """
@@ -112,16 +113,18 @@ def write_config(module_path: Path, tests: list[str]) -> None:
     (WORK / "pyproject.toml").write_text("\n".join(lines))
 
 
-def prepare_workdir() -> None:
+def prepare_workdir(*, keep: bool) -> None:
     if WORK.exists() and not (WORK / MARKER).exists():
         sys.exit(f"mutants: {WORK} exists but was not made by tools/mutants.py; move it away first")
     WORK.mkdir(exist_ok=True)
     (WORK / MARKER).write_text("tools/mutants.py works here; delete the whole directory to start afresh\n")
-    for name in (PACKAGE, "tests"):
+    names = (PACKAGE, "tests") if keep else (PACKAGE, "tests", "mutants")
+    for name in names:
         target = WORK / name
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(ROOT / name, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        if name != "mutants":
+            shutil.copytree(ROOT / name, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("module", help="a file under latentmoe/, e.g. latentmoe/model/moe.py")
     parser.add_argument("--tests", nargs="+", help="test files to run instead of the selected ones")
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutant workers (default 2)")
+    parser.add_argument("--keep", action="store_true", help="reuse mutmut's results of the last run of this module")
     parser.add_argument("mutmut_args", nargs="*", help="after --: passed to mutmut run (mutant-name patterns)")
     args = parser.parse_args(argv)
     module_path = Path(args.module)
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if not tests:
         sys.exit(f"mutants: no test file imports {module_name(module_path)}; name some with --tests")
     print(f"mutants: {module_path} with {len(tests)} test files: {' '.join(tests)}", flush=True)
-    prepare_workdir()
+    prepare_workdir(keep=args.keep)
     write_config(module_path, tests)
     mutmut = Path(sys.executable).with_name("mutmut")
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORK)}

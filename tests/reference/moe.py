@@ -70,3 +70,49 @@ def sequence_balance_loss_reference(scores_BSE: torch.Tensor, topk_idx_BSK: torc
             loss += f_i * p_i
         total += loss
     return total / B
+
+
+def route_reference(
+    logits_E: list[float],
+    bias_E: list[float] | None,
+    *,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float,
+    norm_topk_prob: bool,
+    scoring_func: str,
+    group_score: str,
+) -> dict[int, float]:
+    """One token's gating as the DeepSeek papers describe it: ``{expert: gate weight}`` (float64 Python).
+
+    s = sigmoid(u·e) (V3, TR eq. 15) or softmax (V2); selection by s + b (V3's bias, TR eq. 16); with groups,
+    only the ``topk_group`` groups with the best score stay: the sum of a group's two best selection scores
+    (V3 ``noaux_tc``) or its best one (V2 ``group_limited_greedy``); the top-k experts of those; weights are
+    the un-biased s of the chosen, normalised to sum 1 when ``norm_topk_prob``, times the scaling factor.
+    """
+    E = len(logits_E)
+    if scoring_func == "sigmoid":
+        s = [1.0 / (1.0 + math.exp(-u)) for u in logits_E]
+    else:
+        m = max(logits_E)
+        z = math.fsum(math.exp(u - m) for u in logits_E)
+        s = [math.exp(u - m) / z for u in logits_E]
+    choice = [s[i] + (bias_E[i] if bias_E is not None else 0.0) for i in range(E)]
+    allowed = list(range(E))
+    if n_group > 1:
+        size = E // n_group
+        groups = [list(range(g * size, (g + 1) * size)) for g in range(n_group)]
+
+        def score(g):
+            values = sorted((choice[i] for i in g), reverse=True)
+            return values[0] if group_score == "max" else sum(values[:2])
+
+        best = sorted(range(n_group), key=lambda g: -score(groups[g]))[:topk_group]
+        allowed = [i for g in best for i in groups[g]]
+    chosen = sorted(allowed, key=lambda i: -choice[i])[:top_k]
+    weights = [s[i] for i in chosen]
+    if norm_topk_prob:
+        total = math.fsum(weights)
+        weights = [w / total for w in weights]
+    return {i: w * routed_scaling_factor for i, w in zip(chosen, weights, strict=True)}
