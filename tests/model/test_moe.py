@@ -174,7 +174,7 @@ def test_moe_layer_balance_loss_is_eq_17_to_20_over_each_sequence():
 ROUTER_CONFIGS = {
     "v3-noaux_tc": dict(),
     "v3-unnormalised": dict(norm_topk_prob=False),
-    "v2-greedy-softmax": dict(topk_method="greedy", scoring_func="softmax", norm_topk_prob=False, topk_group=1),
+    "v2-greedy-softmax": dict(topk_method="greedy", scoring_func="softmax", norm_topk_prob=False, topk_group=3),
     "v2-group_limited-softmax": dict(topk_method="group_limited_greedy", scoring_func="softmax"),
 }
 
@@ -183,7 +183,7 @@ ROUTER_CONFIGS = {
 def test_router_gates_each_config_as_the_papers_describe(name):
     """Router (the module, from a config) against a per-token float64 gating reference: which experts, which
     weights. tiny: 8 experts in 4 groups of 2 (so group score "max" over 2 differs from a max over groups),
-    top-2 groups (greedy: one group in the config, which greedy must ignore), top-2 experts, scale 2.5; the V3
+    top-2 groups (greedy: 3 groups in the config, as DeepSeek-V2 has, which greedy ignores), top-2 experts; the V3
     configs carry a non-zero selection bias."""
     config = ModelConfig.from_preset("tiny").replace(**ROUTER_CONFIGS[name])
     torch.manual_seed(6)
