@@ -4,7 +4,7 @@ shape and one-hot cases of speculative rejection sampling (gaps found by ``make 
 import pytest
 import torch
 
-from latentmoe.infer import SamplingParams, filter_logits, rejection_sample, token_probs
+from latentmoe.infer import SamplingParams, filter_logits, greedy_accept, rejection_sample, token_probs
 from tests.reference.sampling import sampling_distribution
 
 
@@ -65,3 +65,27 @@ def test_rejection_sampling_with_one_hot_targets_is_deterministic():
     q_right = torch.tensor([[[0.0, 0.0, 1.0]]])
     accepted, nxt = rejection_sample(p, q_right, torch.tensor([[2]]), g)
     assert (int(accepted), int(nxt)) == (1, 1)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass_exactly():
+    """Two tokens of probability 1/2 each and top_p = 1/2: the first alone reaches the mass, the second goes."""
+    kept = torch.isfinite(filter_logits(torch.tensor([[0.0, 0.0]]), top_p=0.5))[0].tolist()
+    assert sorted(kept) == [False, True]
+
+
+def test_greedy_accept_counts_every_accepted_draft():
+    assert greedy_accept([5, 6, 7, 8], [5, 6, 9]).emitted([5, 6, 9]) == [5, 6, 7]
+    assert greedy_accept([5, 6, 7, 8], [5, 6, 7]).num_accepted == 3
+
+
+def test_sampling_params_normalise_and_check_stop_strings():
+    assert SamplingParams(stop="END").stop == ("END",)
+    for bad in ([""], [3]):
+        with pytest.raises(ValueError, match="stop"):
+            SamplingParams(stop=bad)
+
+
+def test_a_seeded_request_draws_the_stream_of_a_cpu_generator_with_that_seed():
+    draws = torch.rand(4, generator=SamplingParams(seed=11).make_generator())
+    assert torch.equal(draws, torch.rand(4, generator=torch.Generator().manual_seed(11)))
+    assert SamplingParams().make_generator() is None
