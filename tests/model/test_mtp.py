@@ -40,6 +40,9 @@ def test_a_sequence_without_a_target_that_far_ahead_is_an_error():
     with pytest.raises(ValueError, match="no target 3 positions ahead"):
         next_token_loss(logits, torch.tensor([[1, 2, 3]]), ahead=3)
     assert next_token_loss(logits, torch.tensor([[1, 2, 3]]), ahead=2).item() == pytest.approx(2.0794415, rel=1e-6)
+    # the default is the main head's target, one token ahead: position i's logits score t_{i+1}
+    right = torch.nn.functional.one_hot(torch.tensor([[2, 3, 0]]), 8).float() * 50
+    assert next_token_loss(right, torch.tensor([[1, 2, 3]])).item() < 1e-6
 
 
 def test_without_mtp_modules_the_total_loss_is_the_main_loss():
@@ -49,3 +52,11 @@ def test_without_mtp_modules_the_total_loss_is_the_main_loss():
 
     loss = causal_lm_loss(Out, torch.tensor([[1, 2, 3, 4]]), mtp_lambda=0.3)
     assert loss.mtp == [] and loss.total.item() == loss.main.item() == pytest.approx(2.0794415, rel=1e-6)  # ln 8
+
+
+def test_the_default_mtp_weight_is_the_trs_lambda_0_3():
+    class Out:  # main head certain and right (loss 0), one MTP depth uniform (ln 8)
+        logits = torch.nn.functional.one_hot(torch.tensor([[2, 3, 4, 0]]), 8).float() * 50
+        mtp_logits = [torch.zeros(1, 4, 8)]
+
+    assert causal_lm_loss(Out, torch.tensor([[1, 2, 3, 4]])).total.item() == pytest.approx(0.3 * 2.0794415, rel=1e-5)
