@@ -40,6 +40,7 @@ OTHER_PROCESS_MARKERS = ("subprocess", "run_ranks")
 # Exception messages are not mutated: which message a bad input gets is pinned by the tests that match on it,
 # and a mutant of message text is noise in the survivor list.
 DO_NOT_MUTATE_PATTERNS = (r"raise \w+", r"^\s*f?\"")
+NOT_KILLED = ("survived", "timeout", "no tests", "suspicious")  # mutmut statuses that need a look
 
 
 def module_name(path: Path) -> str:
@@ -133,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tests", nargs="+", help="test files to run instead of the selected ones")
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutant workers (default 2)")
     parser.add_argument("--keep", action="store_true", help="reuse mutmut's results of the last run of this module")
-    parser.add_argument("mutmut_args", nargs="*", help="after --: passed to mutmut run (mutant-name patterns)")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    mutmut_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     module_path = Path(args.module)
     if module_path.is_absolute():
         module_path = module_path.relative_to(ROOT)
@@ -148,11 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     write_config(module_path, tests)
     mutmut = Path(sys.executable).with_name("mutmut")
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORK)}
-    run = subprocess.run([str(mutmut), "run", "--max-children", str(args.max_children), *args.mutmut_args],
+    run = subprocess.run([str(mutmut), "run", "--max-children", str(args.max_children), *mutmut_args],
                          cwd=WORK, env=env, stdout=subprocess.DEVNULL)
     results = subprocess.run([str(mutmut), "results"], cwd=WORK, env=env, capture_output=True, text=True)
     prefix = module_name(module_path) + "."
-    survivors = [line.strip() for line in results.stdout.splitlines() if line.strip().startswith(prefix)]
+    survivors = [
+        line.strip()
+        for line in results.stdout.splitlines()
+        if line.strip().startswith(prefix) and line.strip().endswith(NOT_KILLED)
+    ]
     (WORK / "survivors.txt").write_text("\n".join(survivors) + "\n")
     print(f"mutants: {len(survivors)} not killed (list: .mutants/survivors.txt; diff: cd .mutants && mutmut show NAME)")
     for line in survivors:
