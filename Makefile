@@ -8,7 +8,9 @@ STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test lint bench clean
+MODULE ?= latentmoe/model/moe.py
+
+.PHONY: demo test lint bench mutants clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,5 +32,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 
+# Mutation testing of one module with the tests that import it (docs/testing.md); not part of `make test`.
+mutants: $(STAMP)
+	nice -n 15 $(PY) tools/mutants.py $(MODULE)
+
+# Removes only what make itself created; run directories (runs/) are yours and are never touched here.
 clean:
-	rm -rf $(VENV) runs .cache
+	rm -rf $(VENV) .mutants

@@ -2,10 +2,13 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 
 def run(*args, cwd, cache):
@@ -43,12 +46,27 @@ def test_generate_from_trained_run(trained_run):
     assert r.stdout.startswith("ROMEO:")
 
 
-def test_resume_continues_to_the_new_total(trained_run):
-    root, out = trained_run
-    r = run("train", "--preset", "tiny", "--steps", "6", "--batch-size", "2", "--seq-len", "32", "--eval-every", "0",
-            "--eval-batches", "1", "--no-progress", "--resume", "--out", str(out), cwd=root, cache=root / "c")
+def test_resume_gives_weights_bit_identical_to_an_uninterrupted_run(trained_run):
+    """6 steps in one go (saving at 3 on the way) vs a run that has only checkpoint-000003 and is resumed to 6:
+    every tensor of the final checkpoint is bit-identical, and so are the logged losses after the resume."""
+    root, _ = trained_run
+    common = ("train", "--preset", "tiny", "--steps", "6", "--batch-size", "2", "--seq-len", "32", "--eval-every",
+              "0", "--log-every", "1", "--no-progress")
+    straight, resumed = root / "straight", root / "resumed"
+    r = run(*common, "--save-every", "3", "--out", str(straight), cwd=root, cache=root / "c")
     assert r.returncode == 0, r.stderr
-    assert (out / "checkpoint-000006").is_dir()
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-000003", resumed / "checkpoint-000003")
+    r = run(*common, "--resume", "--out", str(resumed), cwd=root, cache=root / "c")
+    assert r.returncode == 0, r.stderr
+    a = load_file(straight / "checkpoint-000006" / "model.safetensors")
+    b = load_file(resumed / "checkpoint-000006" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    losses = [[json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+              for d in (straight, resumed)]
+    assert losses[1] == losses[0][3:]  # steps 4..6, the same numbers
 
 
 @pytest.mark.parametrize(

@@ -35,11 +35,15 @@ ordinary matmul (no chunking; faster on CPU, and the CUDA fallback). On CUDA, :f
 uses ``torch.nn.functional.scaled_mm`` with ``BlockWise1x128`` × ``BlockWise128x128`` scales when this
 torch build and GPU provide it (Hopper, CUDA ≥ 12.9), else the dequantising path. torch 2.13's CPU
 ``scaled_mm`` rejects blockwise scales, so on CPU the emulation is the path, and the tested truth.
+:func:`blockwise_matmul_with_path` returns which of the three ran (:class:`GemmPath`), so a caller or a
+test can tell the GPU GEMM from its fallback instead of trusting the numbers alone.
 """
 
 from __future__ import annotations
 
+import enum
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +57,22 @@ H800_FRACTION_BITS = 13  # ISCA §3.1.1: FP22 accumulator, 1 sign + 8 exponent +
 WGMMA_GROUP = 32  # TR §3.5.2: the tensor core aligns and adds 32 products at a time (FP8 WGMMA K = 32)
 SCALED_MM_MIN_CAPABILITY = (9, 0)  # blockwise-scaled cuBLAS GEMMs need Hopper (sm_90) or newer
 CUBLAS_SCALE_ALIGN = 4  # cuBLAS blockwise scales: rows of A and K-blocks of B padded to a multiple of 4
+
+
+class GemmPath(enum.Enum):
+    """Which implementation computed a blockwise FP8 GEMM."""
+
+    EMULATED = "emulated"  # chunked FP32 matmuls with promotion (CPU; any device with a simulated accumulator)
+    SCALED_MM = "scaled_mm"  # torch's blockwise-scaled GEMM (cuBLAS, Hopper or newer)
+    DEQUANT = "dequant"  # dequantise to BF16 + one matmul (the GPU fallback)
+
+
+@dataclass(frozen=True)
+class GemmResult:
+    """A GEMM's output ``[M, N]`` and the :class:`GemmPath` that produced it."""
+
+    out: torch.Tensor
+    path: GemmPath
 
 
 # --------------------------------------------------------------------------------------------- scale layouts
@@ -275,7 +295,7 @@ def cuda_blockwise_matmul(
     *,
     block: int = BLOCK,
     out_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+) -> GemmResult:
     """GPU path: torch's blockwise scaled matmul where supported, else dequantise + BF16 matmul."""
     if (
         block == BLOCK
@@ -283,10 +303,39 @@ def cuda_blockwise_matmul(
         and _fits_scaled_mm(a_fp8, a_scales, b_fp8, b_scales)
     ):
         try:
-            return _scaled_mm_blockwise(a_fp8, a_scales.float(), b_fp8, b_scales.float()).to(out_dtype)
+            out = _scaled_mm_blockwise(a_fp8, a_scales.float(), b_fp8, b_scales.float()).to(out_dtype)
+            return GemmResult(out, GemmPath.SCALED_MM)
         except (RuntimeError, ValueError, NotImplementedError):
-            pass  # this torch/cuBLAS build lacks the blockwise layout: fall through to the dequantising path
-    return blockwise_matmul_dequant(a_fp8, a_scales, b_fp8, b_scales, block=block, out_dtype=out_dtype)
+            pass  # this torch/cuBLAS build lacks the blockwise layout: fall through (the result says so)
+    out = blockwise_matmul_dequant(a_fp8, a_scales, b_fp8, b_scales, block=block, out_dtype=out_dtype)
+    return GemmResult(out, GemmPath.DEQUANT)
+
+
+def blockwise_matmul_with_path(
+    a_fp8: torch.Tensor,
+    a_scales: torch.Tensor,
+    b_fp8: torch.Tensor,
+    b_scales: torch.Tensor,
+    *,
+    promote_every: int | None = PROMOTION_INTERVAL,
+    block: int = BLOCK,
+    fraction_bits: int | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> GemmResult:
+    """:func:`blockwise_matmul` and the :class:`GemmPath` it took."""
+    if a_fp8.is_cuda and fraction_bits is None and promote_every == PROMOTION_INTERVAL:
+        return cuda_blockwise_matmul(a_fp8, a_scales, b_fp8, b_scales, block=block, out_dtype=out_dtype)
+    out = blockwise_matmul_emulated(
+        a_fp8,
+        a_scales,
+        b_fp8,
+        b_scales,
+        promote_every=promote_every,
+        block=block,
+        fraction_bits=fraction_bits,
+        out_dtype=out_dtype,
+    )
+    return GemmResult(out, GemmPath.EMULATED)
 
 
 def blockwise_matmul(
@@ -305,9 +354,7 @@ def blockwise_matmul(
     On CUDA (and without a simulated accumulator) the GPU path; everywhere else the exact emulation
     with FP32 promotion every ``promote_every`` elements of K (:func:`blockwise_matmul_emulated`).
     """
-    if a_fp8.is_cuda and fraction_bits is None and promote_every == PROMOTION_INTERVAL:
-        return cuda_blockwise_matmul(a_fp8, a_scales, b_fp8, b_scales, block=block, out_dtype=out_dtype)
-    return blockwise_matmul_emulated(
+    return blockwise_matmul_with_path(
         a_fp8,
         a_scales,
         b_fp8,
@@ -316,4 +363,4 @@ def blockwise_matmul(
         block=block,
         fraction_bits=fraction_bits,
         out_dtype=out_dtype,
-    )
+    ).out

@@ -186,10 +186,6 @@ class Experts(nn.Module):
         # The x·Wᵀ of every expert projection; latentmoe.fp8.convert_to_fp8 swaps in an FP8 matmul here.
         self.expert_linear: Linear = F.linear
 
-    def expert_ffn(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
-        """SwiGLU of expert ``e`` on its tokens."""
-        return swiglu(x_ND, self.gate_proj[e], self.up_proj[e], self.down_proj[e], self.expert_linear)
-
     def forward(
         self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor
     ) -> torch.Tensor:
@@ -211,20 +207,6 @@ class Experts(nn.Module):
             return torch.zeros_like(x_TD)
         y_AD = torch.cat(outputs) * topk_weight_TK.reshape(-1)[order_A, None].to(x_TD.dtype)
         return torch.zeros_like(x_TD, dtype=y_AD.dtype).index_add_(0, token_A, y_AD).to(x_TD.dtype)
-
-
-def experts_reference(
-    experts: Experts, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor
-) -> torch.Tensor:
-    """Naive per-token, per-choice loop — the reference the grouped path is tested against."""
-    rows = []
-    for t in range(x_TD.shape[0]):
-        acc = torch.zeros_like(x_TD[t])
-        for k in range(topk_idx_TK.shape[1]):
-            e = int(topk_idx_TK[t, k])
-            acc = acc + topk_weight_TK[t, k].to(x_TD.dtype) * experts.expert_ffn(e, x_TD[t : t + 1])[0]
-        rows.append(acc)
-    return torch.stack(rows)
 
 
 class MLP(nn.Module):

@@ -100,3 +100,19 @@ def test_unigram_cross_entropy_matches_a_hand_computed_value():
     )
     with pytest.raises(ValueError, match="outside"):
         unigram_cross_entropy(train, torch.tensor([3]), 3)
+
+
+def test_token_cache_is_keyed_by_the_tokenizer(small_tokenizer, small_splits, tmp_path):
+    """Two tokenizers, one cache directory: each gets its own tokens (what it encodes without a cache),
+    never the other's cached stream."""
+    from latentmoe.data.tokenizer import train_tokenizer
+
+    other = train_tokenizer(small_splits.train_parts, 300)
+    first = encode_splits(small_tokenizer, small_splits, tmp_path)
+    second = encode_splits(other, small_splits, tmp_path)
+    uncached = encode_splits(other, small_splits, None)
+    assert not torch.equal(first.train[: len(uncached.train)], uncached.train[: len(first.train)])
+    assert torch.equal(second.train, uncached.train) and torch.equal(second.val, uncached.val)
+    assert len(list(tmp_path.iterdir())) == 2
+    again = encode_splits(small_tokenizer, small_splits, tmp_path)
+    assert torch.equal(again.train, first.train)

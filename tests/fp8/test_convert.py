@@ -7,8 +7,10 @@ from torch import nn
 
 from latentmoe import CausalLM, ModelConfig
 from latentmoe.fp8 import FP8Linear, FP8Matmul, convert_to_fp8, fp8_modules, relative_error
-from latentmoe.model.moe import Experts, Router, experts_reference
+from latentmoe.model.moe import Experts, Router
 from latentmoe.model.norm import RMSNorm
+from tests.reference.fp8 import blocks, tiles
+from tests.reference.moe import experts_reference
 
 
 def tiny_model(seed=0):
@@ -67,16 +69,64 @@ def test_fp8_logits_track_the_bf16_model():
     assert relative_error(out.mtp_logits[0], ref.mtp_logits[0]) < 0.05
 
 
-def test_grouped_fp8_experts_match_the_per_token_loop():
-    torch.manual_seed(0)
-    experts = Experts(8, 64, 32)
+def fp8_forward_reference(x_NI, weight_OI):
+    """x·Wᵀ from x's 1x128 tiles and W's 128x128 blocks (float64 read-back), rounded to FP32 like an FP8 GEMM out."""
+    return (tiles(x_NI) @ blocks(weight_OI).T).float()
+
+
+def fp8_experts(n_experts=4, hidden=256, width=128, seed=0):
+    torch.manual_seed(seed)
+    experts = Experts(n_experts, hidden, width)
     for w in experts.parameters():
         nn.init.normal_(w, std=0.1)
     experts.expert_linear = FP8Matmul()
-    x = torch.randn(20, 64)
-    idx = torch.randint(0, 8, (20, 2))
-    weight = torch.rand(20, 2)
-    # A token's 1x128 tiles and an expert's 128x128 blocks do not depend on the batch: the same FP8 numbers.
-    torch.testing.assert_close(
-        experts(x, idx, weight), experts_reference(experts, x, idx, weight), rtol=1e-5, atol=1e-6
+    T = 24
+    x = torch.randn(T, hidden) * torch.linspace(0.1, 4, hidden)  # channels of different size: tiles matter
+    idx = torch.stack([torch.randperm(n_experts)[:2] for _ in range(T)])
+    weight = torch.rand(T, 2)
+    return experts, x, idx, weight
+
+
+def test_fp8_routed_experts_equal_the_fp8_reference_and_differ_from_full_precision():
+    """Two-sided: the grouped FP8 experts agree with a per-token loop whose every matmul quantises its
+    operands (1x128 tiles, 128x128 blocks, float64 products), and are measurably not the unquantised FFN."""
+    experts, x, idx, weight = fp8_experts()
+    with torch.no_grad():
+        out = experts(x, idx, weight).double()
+        params = (experts.gate_proj, experts.up_proj, experts.down_proj)
+        fp8_ref = experts_reference(*params, x, idx, weight, linear=fp8_forward_reference).double()
+        exact = experts_reference(*(p.double() for p in params), x.double(), idx, weight.double())
+    # The SwiGLU product between the GEMMs is FP32 here and float64-then-FP32 in the reference, so a few of
+    # its values may round to a neighbouring E4M3 value: far below the FP8 error itself.
+    assert relative_error(out, fp8_ref) < 2e-3
+    assert relative_error(out, exact) > 1e-2  # E4M3 keeps 4 significant bits: ~3 % off the exact FFN
+    assert relative_error(fp8_ref, exact) > 1e-2
+
+
+def test_fp8_routed_experts_save_only_fp8_operands_for_their_gemms():
+    """What backward keeps of the expert GEMMs: per projection the FP8 weight + block scales and the FP8 input
+    (tiled along tokens) + tile scales. No high-precision copy of a weight or of the dispatched input."""
+    experts, x, idx, weight = fp8_experts()
+    x.requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = experts(x, idx, weight)
+    active = int((torch.bincount(idx.flatten(), minlength=experts.n_experts) > 0).sum())
+    fp8 = [t for t in saved if t.dtype == torch.float8_e4m3fn]
+    assert len(fp8) == 2 * 3 * active  # (weight, input) for gate, up and down of every active expert
+    weight_shapes = {tuple(experts.gate_proj.shape[1:]), tuple(experts.down_proj.shape[1:])}
+    assert sorted({tuple(t.shape) for t in fp8 if t.dim() == 2 and tuple(t.shape) in weight_shapes}) == sorted(
+        weight_shapes
     )
+    high = [t for t in saved if t.is_floating_point() and t.dtype != torch.float8_e4m3fn]
+    assert not [t for t in high if tuple(t.shape) in weight_shapes], "a high-precision weight copy is saved"
+    hidden = x.shape[1]
+    dispatched = [t for t in high if t.dim() == 2 and t.shape[1] == hidden and t.shape[0] < idx.numel()]
+    assert not dispatched, "a high-precision copy of an expert's input rows is saved"
+    out.sum().backward()
+    assert x.grad is not None and experts.gate_proj.grad.dtype == torch.float32

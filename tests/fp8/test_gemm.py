@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from latentmoe.fp8 import (
+    GemmPath,
     blockwise_matmul,
     blockwise_matmul_dequant,
     blockwise_matmul_emulated,
     blockwise_matmul_reference,
+    blockwise_matmul_with_path,
     limited_precision_matmul,
     quantize_blocks,
     quantize_tensorwise,
@@ -16,6 +18,7 @@ from latentmoe.fp8 import (
     scaled_mm_blockwise_available,
 )
 from latentmoe.fp8.gemm import scale_block
+from tests.reference.fp8 import fake_quantize, limited_dot
 
 FP32_ACCURACY = 1e-6  # a few FP32 roundings per output (chunk sum, scaling, accumulation) on K <= 1024
 
@@ -117,16 +120,68 @@ def test_scale_grids_that_fit_nothing_are_rejected():
         blockwise_matmul(xq.data, xq.scales, wq.data[:, :128], wq.scales)
 
 
+def test_cpu_gemms_report_the_emulated_path():
+    xq, wq, _, _ = operands(8, 256, 16)
+    result = blockwise_matmul_with_path(xq.data, xq.scales, wq.data, wq.scales)
+    assert result.path is GemmPath.EMULATED
+    assert torch.equal(result.out, blockwise_matmul(xq.data, xq.scales, wq.data, wq.scales))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_path_matches_the_cpu_emulation():
+def test_cuda_path_is_the_one_the_capability_promises_and_matches_the_cpu_emulation():
+    """On a GPU that offers blockwise scaled_mm (Hopper+, a torch that has it) that path must be the one that
+    ran: a silent fallback to dequantise + BF16 matmul fails here instead of passing on numbers alone."""
     xq, wq, _, _ = operands(256, 512, 384)
     cpu = blockwise_matmul(xq.data, xq.scales, wq.data, wq.scales)
     dev = torch.device("cuda")
-    gpu = blockwise_matmul(xq.data.to(dev), xq.scales.to(dev), wq.data.to(dev), wq.scales.to(dev))
-    assert gpu.device.type == "cuda"
-    assert relative_error(gpu.cpu(), cpu) < 1e-2  # bf16 output (scaled_mm) or bf16 operands (fallback)
-    assert isinstance(scaled_mm_blockwise_available(dev), bool)
+    gpu = blockwise_matmul_with_path(xq.data.to(dev), xq.scales.to(dev), wq.data.to(dev), wq.scales.to(dev))
+    expected = GemmPath.SCALED_MM if scaled_mm_blockwise_available(dev) else GemmPath.DEQUANT
+    assert gpu.path is expected
+    assert gpu.out.device.type == "cuda"
+    assert relative_error(gpu.out.cpu(), cpu) < 1e-2  # bf16 output (scaled_mm) or bf16 operands (fallback)
+    # a simulated accumulator is never a GPU kernel: it runs the emulation wherever the data lives
+    small_x, small_w, _, _ = operands(4, 256, 8)
+    sim = blockwise_matmul_with_path(small_x.data.to(dev), small_x.scales.to(dev), small_w.data.to(dev),
+                                     small_w.scales.to(dev), fraction_bits=13)
+    assert sim.path is GemmPath.EMULATED
 
 
 def test_no_gpu_means_no_scaled_mm_path():
     assert not scaled_mm_blockwise_available("cpu")
+
+
+def promoted_reference(a, b, *, fraction_bits, keep_sum_limited=False):
+    """Σ over 128-element chunks of limited_dot(chunk) · s_a · s_b, in float64 (TR §3.3.2, Fig. 7b).
+
+    ``keep_sum_limited`` models the bug the promotion exists to avoid: the running sum over chunks also kept
+    in the limited register (cut to ``fraction_bits`` bits after every chunk).
+    """
+    out = torch.zeros(a.q.shape[0], b.q.shape[0], dtype=torch.float64)
+    qa, qb = a.q.double().tolist(), b.q.double().tolist()
+    K = a.q.shape[1]
+    for m in range(out.shape[0]):
+        for n in range(out.shape[1]):
+            acc = 0.0
+            for kb, k0 in enumerate(range(0, K, 128)):
+                chunk = limited_dot(qa[m][k0 : k0 + 128], qb[n][k0 : k0 + 128], fraction_bits=fraction_bits)
+                acc += chunk * float(a.scales[m, kb]) * float(b.scales[n // 128, kb])
+                if keep_sum_limited:
+                    acc = limited_dot([acc], [1.0], fraction_bits=fraction_bits)
+            out[m, n] = acc
+    return out
+
+
+def test_simulated_tensor_core_sums_each_chunk_in_13_bits_and_promotes_to_fp32():
+    """blockwise_matmul(fraction_bits=13) = per 128-wide chunk a 13-bit tensor-core sum, then FP32 scaling and
+    accumulation: equal to the scalar reference to FP32 accuracy, and measurably not what a limited register
+    keeping the promoted sums would give (positive data: the sum grows over 16 chunks)."""
+    g = torch.Generator().manual_seed(21)
+    x, w = torch.rand(2, 2048, generator=g) + 0.5, torch.rand(3, 2048, generator=g) + 0.5
+    a, b = fake_quantize(x, 1, 128), fake_quantize(w, 128, 128)
+    sim = blockwise_matmul(a.q, a.scales, b.q, b.scales, fraction_bits=13)
+    ref = promoted_reference(a, b, fraction_bits=13)
+    assert relative_error(sim, ref) < FP32_ACCURACY
+    assert relative_error(promoted_reference(a, b, fraction_bits=13, keep_sum_limited=True), ref) > 20 * FP32_ACCURACY
+    # and the 13-bit chunk sums themselves are visible: the ideal tensor core gives another result
+    ideal = blockwise_matmul_reference(a.q, a.scales, b.q, b.scales)
+    assert relative_error(ideal, ref) > 20 * FP32_ACCURACY

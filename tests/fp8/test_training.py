@@ -67,6 +67,20 @@ def test_short_fp8_training_run_loss_decreases_and_checkpoint_loads_unconverted(
         assert q.dtype == torch.float32 and torch.equal(p, q), name
 
 
+def test_fp8_and_bf16_losses_agree_within_the_tr_quarter_percent(tmp_path):
+    """The TR's criterion (relative loss error < 0.25 %, §3.3) on this learnable pattern, for every logged window
+    of the same run in BF16 (same init, same batches); measured max 0.14 %. And FP8 really ran: the losses are
+    not the BF16 ones (> 0.01 % apart somewhere)."""
+    run(tmp_path / "fp8")
+    run(tmp_path / "bf16", precision="bf16")
+    fp8 = [r["loss"] for r in read_metrics(tmp_path / "fp8" / "metrics.jsonl")]
+    bf16 = [r["loss"] for r in read_metrics(tmp_path / "bf16" / "metrics.jsonl")]
+    assert len(fp8) == len(bf16) == 6
+    gaps = [abs(a - b) / b for a, b in zip(fp8, bf16, strict=True)]
+    assert max(gaps) < 0.0025, gaps
+    assert max(gaps) > 1e-4, gaps
+
+
 def test_bf16_adam_moments_in_an_fp8_run_are_stored_in_bf16_and_resume_exactly(tmp_path):
     straight, _ = run(tmp_path / "a", steps=6, adam_moments="bf16")
     run(tmp_path / "b", steps=3, adam_moments="bf16")

@@ -6,8 +6,10 @@ import random
 import pytest
 import torch
 
-from latentmoe.infer import Engine, SamplingParams, SpeculativeConfig, greedy_accept, rejection_sample, token_probs
+from latentmoe.infer import Engine, SamplingParams, SpeculativeConfig, greedy_accept, rejection_sample
 from latentmoe.infer.speculative import draft_window_starts
+from tests.reference.sampling import sampling_distribution
+from tests.reference.stats import chi2_distance, chi_square_test, merged_bins, noncentral_power
 
 
 @pytest.mark.parametrize(
@@ -42,33 +44,76 @@ def test_speculative_decoding_takes_fewer_steps_when_drafts_are_accepted(trained
     assert spec_steps == plain_steps - result.stats.accepted_draft_tokens
 
 
-def test_sampled_speculative_decoding_keeps_the_target_distribution(trained_tiny_mtp2):
-    """The second generated token's empirical distribution under speculative sampling is as close to the
-    exact p(t2 | prompt) as plain sampling's is (same number of draws)."""
-    model = trained_tiny_mtp2
-    prompt = [0, 3, 17]
-    params = dict(max_tokens=3, temperature=1.5)  # the second token is drafted (the last one never is)
-    n = 400
+PROMPT = [0, 3, 17]
+LEVEL = 1e-3  # reject "the engine samples from the reference distribution" at p < 1e-3
+CHUNK = 128  # requests admitted together, so that every one drafts in the same step and has its draft verified
+
+
+def second_token_distribution(model, second=None, **params):
+    """Exact p(t_2 | PROMPT) = Σ_{t_1} p(t_1 | PROMPT) p(t_2 | PROMPT, t_1) under ``params``, from the model's
+    float64 logits and the independent float64 sampling reference (``second``: other params for t_2)."""
+    second = second or params
     with torch.no_grad():
-        p1 = token_probs(model(torch.tensor([prompt])).logits[0, -1:], SamplingParams(**params))[0]
-        support = torch.nonzero(p1 > 1e-6)[:, 0]
-        second = torch.cat([torch.tensor(prompt).expand(len(support), -1), support[:, None]], dim=1)
-        p2_given = token_probs(model(second).logits[:, -1], SamplingParams(**params))
-        exact = (p1[support, None].double() * p2_given.double()).sum(0)
+        p1 = sampling_distribution(model(torch.tensor([PROMPT])).logits[0, -1].tolist(), **params)
+        support = [t for t, p in enumerate(p1) if p > 0]
+        logits = model(torch.tensor([PROMPT + [t] for t in support])).logits[:, -1].tolist()
+    out = [0.0] * len(p1)
+    for t, row in zip(support, logits, strict=True):
+        for v, p in enumerate(sampling_distribution(row, **second)):
+            out[v] += p1[t] * p
+    return out
 
-    def empirical(speculative):
-        engine = Engine(model, block_size=4, max_batch=64)
-        results = engine.generate([prompt] * n, [SamplingParams(**params, seed=s) for s in range(n)],
-                                  speculative=speculative)
-        counts = torch.bincount(torch.tensor([r.token_ids[1] for r in results]), minlength=exact.numel())
-        return counts.double() / n, results
 
-    plain, _ = empirical(False)
-    spec, results = empirical(SpeculativeConfig(1))
-    assert sum(r.stats.accepted_draft_tokens for r in results) > 0
-    tv_plain = 0.5 * float((plain - exact).abs().sum())
-    tv_spec = 0.5 * float((spec - exact).abs().sum())
-    assert tv_spec < max(1.5 * tv_plain, 0.1)
+def speculative_second_tokens(model, n, **params):
+    engine = Engine(model, block_size=4, max_batch=CHUNK)
+    tokens, drafted = [], 0
+    for start in range(0, n, CHUNK):
+        seeds = range(start, min(n, start + CHUNK))
+        params_per_request = [SamplingParams(max_tokens=3, seed=s, **params) for s in seeds]
+        results = engine.generate([PROMPT] * len(seeds), params_per_request, speculative=SpeculativeConfig(1))
+        tokens += [r.token_ids[1] for r in results]
+        drafted += sum(r.stats.draft_tokens for r in results)
+    assert drafted == n  # the second token of every request went through draft + verification
+    return tokens
+
+
+def test_sampled_speculative_decoding_keeps_the_tempered_target_distribution(trained_tiny_mtp2):
+    """The second generated token (drafted by MTP, then accepted or resampled by the target) follows the exact
+    tempered distribution p(t_2 | prompt), computed independently in float64.
+
+    Power: Pearson's χ² over the bins with >= 5 expected draws (33 bins, df = 32 at n = 1024), rejected at
+    p < 1e-3 (critical value 62.6). A deviation of χ² distance δ gives a noncentral χ² with λ = n·δ; λ >= 85,
+    i.e. δ >= 0.083, is detected with power >= 0.999 (Patnaik's approximation, which a 200,000-draw Monte Carlo
+    confirms: 0.998 at λ = 80). The failure this guards against — verifying against the untempered target
+    (T = 1 instead of 3) — has δ ≈ 0.49, λ ≈ 500; the test computes that alternative's power from the model and
+    requires it to be >= 0.999. Fixed seeds, so the outcome is reproducible.
+    """
+    n, params = 1024, dict(temperature=3.0)
+    exact = second_token_distribution(trained_tiny_mtp2, **params)
+    untempered = second_token_distribution(trained_tiny_mtp2, second=dict(temperature=1.0), **params)
+    groups = merged_bins([n * p for p in exact])
+    assert noncentral_power(len(groups) - 1, n * chi2_distance(untempered, exact, groups), LEVEL) >= 0.999
+    counts = torch.bincount(torch.tensor(speculative_second_tokens(trained_tiny_mtp2, n, **params)),
+                            minlength=len(exact)).tolist()
+    result = chi_square_test(counts, exact, upper_tail=LEVEL)
+    print(f"X² = {result.statistic:.1f}, critical {result.critical:.1f}, df {result.df}")
+    assert not result.rejects, f"X² = {result.statistic:.1f} > {result.critical:.1f} (df {result.df})"
+
+
+def test_sampled_speculative_decoding_with_top_k_and_top_p_keeps_the_filtered_distribution(trained_tiny_mtp2):
+    """Same with top-k = 8 and top-p = 0.9 (temperature 1): no token outside the reference's support is ever
+    emitted, and the counts on the support pass χ² at p < 1e-3 (n = 384; the unfiltered target puts ~64 % of its
+    mass outside the support, so a verification that forgot the filters fails the support check with
+    probability 1 − 0.36^384)."""
+    n, params = 384, dict(temperature=1.0, top_k=8, top_p=0.9)
+    exact = second_token_distribution(trained_tiny_mtp2, **params)
+    tokens = speculative_second_tokens(trained_tiny_mtp2, n, **params)
+    outside = sorted({t for t in tokens if exact[t] == 0})
+    assert not outside, f"tokens {outside} lie outside top-k/top-p"
+    counts = torch.bincount(torch.tensor(tokens), minlength=len(exact)).tolist()
+    result = chi_square_test(counts, exact, upper_tail=LEVEL)
+    print(f"X² = {result.statistic:.1f}, critical {result.critical:.1f}, df {result.df}")
+    assert not result.rejects, f"X² = {result.statistic:.1f} > {result.critical:.1f} (df {result.df})"
 
 
 def test_rejection_sampling_preserves_the_target_distribution():

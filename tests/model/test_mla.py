@@ -28,8 +28,11 @@ def mla_reference(attn: MLA, h, inv_freq):
     T = h.shape[0]
     pos = torch.arange(T)
     nh, dn, dr, dv = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
-    c_q = rms(h @ W["q_a_proj.weight"].T, W["q_a_layernorm.weight"], c.rms_norm_eps)  # eq. 6
-    q_all = (c_q @ W["q_b_proj.weight"].T).view(T, nh, dn + dr)  # eq. 7-8 (W^UQ and W^QR stacked per head)
+    if c.q_lora_rank is None:  # no query compression (DeepSeek-V2-Lite): one projection straight from h
+        q_all = (h @ W["q_proj.weight"].T).view(T, nh, dn + dr)
+    else:
+        c_q = rms(h @ W["q_a_proj.weight"].T, W["q_a_layernorm.weight"], c.rms_norm_eps)  # eq. 6
+        q_all = (c_q @ W["q_b_proj.weight"].T).view(T, nh, dn + dr)  # eq. 7-8 (W^UQ and W^QR stacked per head)
     kv_a = h @ W["kv_a_proj_with_mqa.weight"].T
     c_kv = rms(kv_a[:, : c.kv_lora_rank], W["kv_a_layernorm.weight"], c.rms_norm_eps)  # eq. 1
     k_r = rope_complex(kv_a[:, c.kv_lora_rank :], pos, inv_freq)  # eq. 3: one key shared by all heads
@@ -61,12 +64,18 @@ def test_mla_matches_paper_equations_in_float64():
         torch.testing.assert_close(ours[b], ref, rtol=1e-5, atol=1e-6)
 
 
-def test_mla_without_query_compression_uses_q_proj():
+def test_mla_without_query_compression_matches_the_equations_with_q_proj():
+    torch.manual_seed(2)
     config = ModelConfig.from_preset("tiny").replace(q_lora_rank=None)
-    attn = MLA(config, 0)
+    attn = MLA(config, 0).double()
     assert hasattr(attn, "q_proj") and not hasattr(attn, "q_a_proj")
-    cos, sin = RotaryEmbedding(config)(torch.arange(5))
-    assert attn(torch.randn(1, 5, config.hidden_size), cos, sin).shape == (1, 5, config.hidden_size)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    rotary = RotaryEmbedding(config)
+    cos, sin = rotary(torch.arange(5))
+    h = torch.randn(1, 5, config.hidden_size, dtype=torch.float64)
+    ours = attn(h, cos.double(), sin.double())
+    torch.testing.assert_close(ours[0], mla_reference(attn, h[0], rotary.inv_freq), rtol=1e-5, atol=1e-6)
 
 
 def test_cached_incremental_forward_equals_full_forward():

@@ -1,9 +1,11 @@
 """DeepSeekMoE routing, balancing and grouped experts against hand-made cases and naive loops."""
 
+import pytest
 import torch
 
 from latentmoe import ModelConfig
-from latentmoe.model.moe import Experts, MoE, experts_reference, route, update_bias
+from latentmoe.model.moe import Experts, MoE, Router, route, sequence_balance_loss, update_bias
+from tests.reference.moe import experts_reference, route_reference, sequence_balance_loss_reference, swiglu_expert
 
 V3 = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5)
 
@@ -104,7 +106,8 @@ def test_grouped_experts_equal_per_token_loop():
     idx[:, 1] = (idx[:, 0] + 1) % 6
     idx[:, 2] = (idx[:, 0] + 2) % 6
     w = torch.rand(40, 3, dtype=torch.float64)
-    torch.testing.assert_close(experts(x, idx, w), experts_reference(experts, x, idx, w))
+    ref = experts_reference(experts.gate_proj, experts.up_proj, experts.down_proj, x, idx, w)
+    torch.testing.assert_close(experts(x, idx, w), ref, rtol=1e-10, atol=1e-12)
 
 
 def test_moe_layer_reports_load_and_grads_flow_to_chosen_experts_only():
@@ -121,3 +124,167 @@ def test_moe_layer_reports_load_and_grads_flow_to_chosen_experts_only():
     grad_norm = moe.experts.gate_proj.grad.flatten(1).norm(dim=1)
     assert torch.all(grad_norm[used] > 0) and torch.all(grad_norm[~used] == 0)
     assert moe.gate.e_score_correction_bias.grad is None and not moe.gate.e_score_correction_bias.requires_grad
+
+
+def test_sequence_balance_loss_by_hand():
+    """TR eq. 17-20 on one sequence of T=2 tokens, E=N_r=4 experts, K_r=2.
+
+    Token 0 affinities (1, 1, 1, 1) choose {0, 1}; token 1 affinities (3, 1, 0, 0) choose {0, 1}.
+    s' = s / sum: token 0 (1/4, 1/4, 1/4, 1/4), token 1 (3/4, 1/4, 0, 0) -> P = (1/2, 1/4, 1/8, 1/8).
+    f_i = N_r / (K_r T) * count_i = 4/4 * (2, 2, 0, 0) = (2, 2, 0, 0).  L = 2 * 1/2 + 2 * 1/4 = 1.5.
+    A second sequence whose load is perfectly balanced gives f = (1, 1, 1, 1), L = sum P = 1; the batch
+    value is the mean over sequences, (1.5 + 1) / 2 = 1.25.
+    """
+    scores = torch.tensor([[[1.0, 1.0, 1.0, 1.0], [3.0, 1.0, 0.0, 0.0]],
+                           [[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]]])
+    topk = torch.tensor([[[0, 1], [1, 0]], [[3, 2], [0, 1]]])
+    assert sequence_balance_loss(scores[:1], topk[:1], 4).item() == pytest.approx(1.5, abs=1e-6)
+    assert sequence_balance_loss(scores[1:], topk[1:], 4).item() == pytest.approx(1.0, abs=1e-6)
+    assert sequence_balance_loss(scores, topk, 4).item() == pytest.approx(1.25, abs=1e-6)
+
+
+def test_moe_layer_balance_loss_is_eq_17_to_20_over_each_sequence():
+    """The MoE layer in training mode reports L_Bal of its own routing, per sequence then averaged
+    (float64 loops); in eval mode it reports 0; the loss has a gradient into the router weight only via P."""
+    torch.manual_seed(5)
+    config = ModelConfig.from_preset("tiny")
+    moe = MoE(config).train()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    B, S = 3, 7
+    x = torch.randn(B, S, config.hidden_size)
+    out = moe(x)
+    routing = moe.gate(x.reshape(B * S, -1))
+    E, K = config.n_routed_experts, config.num_experts_per_tok
+    expected = sequence_balance_loss_reference(
+        routing.scores_TE.view(B, S, E), routing.topk_idx_TK.view(B, S, K), E
+    )
+    assert out.balance_loss.item() == pytest.approx(expected, rel=1e-6)
+    # the batch value is not the loss of the batch taken as one long sequence
+    as_one = sequence_balance_loss_reference(
+        routing.scores_TE.view(1, B * S, E), routing.topk_idx_TK.view(1, B * S, K), E
+    )
+    assert abs(as_one - expected) > 1e-3
+    out.balance_loss.backward()
+    assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0
+    assert moe.experts.gate_proj.grad is None  # f_i counts choices: no gradient reaches the experts
+    assert moe.eval()(x).balance_loss.item() == 0.0
+
+
+ROUTER_CONFIGS = {
+    "v3-noaux_tc": dict(),
+    "v3-unnormalised": dict(norm_topk_prob=False),
+    "v2-greedy-softmax": dict(topk_method="greedy", scoring_func="softmax", norm_topk_prob=False, topk_group=3),
+    "v2-group_limited-softmax": dict(topk_method="group_limited_greedy", scoring_func="softmax"),
+}
+
+
+@pytest.mark.parametrize("name", list(ROUTER_CONFIGS))
+def test_router_gates_each_config_as_the_papers_describe(name):
+    """Router (the module, from a config) against a per-token float64 gating reference: which experts, which
+    weights. tiny: 8 experts in 4 groups of 2 (so group score "max" over 2 differs from a max over groups),
+    top-2 groups (greedy: 3 groups in the config, as DeepSeek-V2 has, which greedy ignores), top-2 experts; the V3
+    configs carry a non-zero selection bias."""
+    config = ModelConfig.from_preset("tiny").replace(**ROUTER_CONFIGS[name])
+    torch.manual_seed(6)
+    router = Router(config)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    uses_bias = config.topk_method == "noaux_tc"
+    assert ("e_score_correction_bias" in router.state_dict()) == uses_bias  # V2 checkpoints have no bias
+    if uses_bias:
+        router.e_score_correction_bias.copy_(torch.randn(8) * 0.3)
+    x = torch.randn(32, config.hidden_size)
+    r = router(x)
+    logits = (x.double() @ router.weight.detach().double().T).tolist()
+    bias = router.e_score_correction_bias.tolist() if uses_bias else None
+    for t in range(32):
+        want = route_reference(
+            logits[t], bias, top_k=2, n_group=1 if config.topk_method == "greedy" else 4, topk_group=config.topk_group,
+            routed_scaling_factor=2.5, norm_topk_prob=config.norm_topk_prob, scoring_func=config.scoring_func,
+            group_score="max" if config.topk_method == "group_limited_greedy" else "top2_sum",
+        )
+        got = dict(zip(r.topk_idx_TK[t].tolist(), r.topk_weight_TK[t].tolist(), strict=True))
+        assert got.keys() == want.keys(), t
+        assert [got[i] for i in want] == pytest.approx(list(want.values()), rel=1e-5), t
+
+
+def test_router_scores_in_fp32_under_bf16_autocast():
+    config = ModelConfig.from_preset("tiny")
+    torch.manual_seed(7)
+    router = Router(config)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(16, config.hidden_size)
+    plain = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = router(x)
+    assert auto.scores_TE.dtype == torch.float32
+    torch.testing.assert_close(auto.scores_TE, plain.scores_TE, rtol=0, atol=0)
+
+
+def test_groups_of_one_expert_reduce_to_plain_top_k_over_the_kept_groups():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.0]])
+    r = route(logits, None, top_k=2, n_group=4, topk_group=2, routed_scaling_factor=1.0)
+    assert sorted(r.topk_idx_TK[0].tolist()) == [1, 3]
+
+
+def swiglu_weights(mlp):
+    return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+
+
+@pytest.mark.parametrize("n_shared", [1, 0])
+def test_moe_layer_is_routed_experts_plus_shared_experts(n_shared):
+    """MoE(x) = Σ_k g_k FFN_k(x) + FFN_shared(x) (TR eq. 12), token by token in float64 with the layer's own
+    routing; without shared experts there is no shared term and no shared weights in the state dict."""
+    config = ModelConfig.from_preset("tiny").replace(n_shared_experts=n_shared)
+    torch.manual_seed(8)
+    moe = MoE(config).double().eval()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 5, config.hidden_size, dtype=torch.float64)
+    out = moe(x).hidden_BSD.reshape(10, -1)
+    x_TD = x.reshape(10, -1)
+    r = moe.gate(x_TD)
+    want = experts_reference(moe.experts.gate_proj, moe.experts.up_proj, moe.experts.down_proj, x_TD,
+                             r.topk_idx_TK, r.topk_weight_TK.double())
+    has_shared = any(k.startswith("shared_experts.") for k in moe.state_dict())
+    assert has_shared == bool(n_shared)
+    if n_shared:
+        gate, up, down = swiglu_weights(moe.shared_experts)
+        assert not any(k.endswith(".bias") for k in moe.state_dict())  # SwiGLU FFNs have no biases
+        want = want + swiglu_expert(x_TD, gate, up, down)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+
+
+def test_expert_parallel_hook_replaces_routed_and_shared_experts():
+    """The seam latentmoe.parallel.ep plugs into: called with (moe, x_TD, routing); its result is the output."""
+    config = ModelConfig.from_preset("tiny")
+    torch.manual_seed(9)
+    moe = MoE(config).eval()
+    x = torch.randn(1, 4, config.hidden_size)
+    calls = []
+
+    def hook(layer, x_TD, routing):
+        calls.append((layer, x_TD, routing))
+        return torch.full_like(x_TD, 7.0)
+
+    expected_routing = moe.gate(x.reshape(4, -1))
+    moe.expert_parallel = hook
+    out = moe(x)
+    (layer, x_TD, routing), = calls
+    assert layer is moe and torch.equal(x_TD, x.reshape(4, -1))
+    assert torch.equal(routing.topk_idx_TK, expected_routing.topk_idx_TK)
+    assert torch.equal(out.hidden_BSD, torch.full_like(x, 7.0))
+
+
+def test_experts_take_no_tokens_and_keep_the_input_dtype_under_autocast():
+    torch.manual_seed(10)
+    experts = Experts(4, 16, 8)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    empty = experts(torch.zeros(0, 16), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert empty.shape == (0, 16)
+    x = torch.randn(6, 16)
+    idx = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 3]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = experts(x, idx, torch.rand(6, 2))
+    assert y.dtype == torch.float32  # the residual stream's dtype, whatever the matmuls ran in

@@ -1,5 +1,8 @@
 """CausalLM end to end: causality of main and MTP heads, MTP label alignment, parameter count."""
 
+import math
+
+import pytest
 import torch
 
 from latentmoe import CausalLM, ModelConfig
@@ -80,3 +83,36 @@ def test_router_bias_update_moves_each_layer_bias():
     for moe, load in zip(model.moe_layers(), out.expert_load, strict=True):
         expected = -0.01 * torch.sign(load - load.mean())
         torch.testing.assert_close(moe.gate.e_score_correction_bias, expected)
+
+
+def cross_entropy_reference(logits_BSV, ids_BS, ahead):
+    """Mean over positions i with a target of −log softmax(logits_i)[t_{i+ahead}], float64 loops."""
+    lp = torch.log_softmax(logits_BSV.detach().double(), dim=-1)
+    B, S = ids_BS.shape
+    terms = [-lp[b, i, ids_BS[b, i + ahead]] for b in range(B) for i in range(S - ahead)]
+    return float(sum(terms) / len(terms))
+
+
+def test_mtp_losses_are_weighted_lambda_over_depth_with_two_modules():
+    """TR eq. 25 with D = 2: L = L_main + λ/D (L_MTP^1 + L_MTP^2), each term a CE against tokens 1, 2, 3 ahead."""
+    V = 16
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4]])
+
+    class Out:  # main head uniform (ln V), depth 1 uniform too, depth 2 certain and right (0)
+        logits = torch.zeros(1, 8, V)
+        mtp_logits = [torch.zeros(1, 8, V), torch.nn.functional.one_hot(shift_tokens_left(ids, 3), V).float() * 50]
+
+    loss = causal_lm_loss(Out, ids, mtp_lambda=0.3)
+    assert loss.total.item() == pytest.approx(math.log(V) + 0.3 / 2 * (math.log(V) + 0.0), rel=1e-6)
+
+    torch.manual_seed(3)
+    model = CausalLM(ModelConfig.from_preset("tiny").replace(num_nextn_predict_layers=2)).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    out = model(ids)
+    assert len(out.mtp_logits) == 2
+    main = cross_entropy_reference(out.logits, ids, 1)
+    mtp = [cross_entropy_reference(m, ids, k + 1) for k, m in enumerate(out.mtp_logits, 1)]
+    loss = causal_lm_loss(out, ids, mtp_lambda=0.3)
+    assert loss.main.item() == pytest.approx(main, rel=1e-5)
+    assert [x.item() for x in loss.mtp] == pytest.approx(mtp, rel=1e-5)
+    assert loss.total.item() == pytest.approx(main + 0.3 / 2 * sum(mtp), rel=1e-5)

@@ -4,7 +4,8 @@ usage: torchrun --standalone --nproc-per-node 2 --max-restarts 1 tests/parallel/
 
 Every attempt resumes from the newest checkpoint in OUT_DIR (``resume="auto"``: an empty directory starts
 fresh), so the restarted job continues from step 2 and finishes at step 4. Rank 1 drops a marker file just
-before it kills itself, so the test can tell that the failure really happened.
+before it kills itself, so the test can tell that the failure really happened; rank 0 of the attempt that
+finishes writes the checkpoint it resumed from.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 KILL_AT_STEP = 2  # 0-based: the third optimizer step, after checkpoint-000002
 KILLED_MARKER = "rank1-killed"
+RESUMED_FROM = "resumed-from.txt"  # rank 0 of the attempt that finishes writes where it resumed from
 
 
 def main(out_dir: Path) -> None:
@@ -40,8 +42,10 @@ def main(out_dir: Path) -> None:
     torch.manual_seed(0)
     model = strategy.prepare_model(CausalLM(config()))
     with strategy.errors():
-        train(train_cfg(out_dir, save_every=2), batch_fn=dying_batch_fn, model=model, resume="auto",
-              handle_signals=False, strategy=strategy)
+        result = train(train_cfg(out_dir, save_every=2), batch_fn=dying_batch_fn, model=model, resume="auto",
+                       handle_signals=False, strategy=strategy)
+    if strategy.topology.rank == 0:  # beside the run: nothing foreign in it
+        (out_dir.parent / RESUMED_FROM).write_text(result.resumed_from.name if result.resumed_from else "")
     shutdown()
 
 

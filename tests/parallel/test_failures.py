@@ -48,9 +48,12 @@ def test_a_rank_that_stops_answering_makes_the_others_fail_with_a_clear_error(tm
 
 @pytest.mark.slow
 def test_torchrun_restarts_a_killed_rank_from_the_last_checkpoint(tmp_path):
+    from latentmoe import CausalLM
     from latentmoe.checkpoint import load_model
     from latentmoe.train.metrics import read_metrics
-    from tests.parallel.restart_worker import KILLED_MARKER
+    from latentmoe.train.trainer import train
+    from tests.parallel.restart_worker import KILLED_MARKER, RESUMED_FROM
+    from tests.parallel.test_training import LOSS_RTOL, batch_fn, config, train_cfg
 
     out = tmp_path / "restarted"
     out.mkdir()
@@ -63,7 +66,19 @@ def test_torchrun_restarts_a_killed_rank_from_the_last_checkpoint(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out.parent / KILLED_MARKER).is_file()  # the first attempt really lost rank 1
-    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert (out.parent / RESUMED_FROM).read_text() == "checkpoint-000002"  # the restart resumed, it did not start over
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
 
-    restarted, _ = load_model(out)  # the final checkpoint is complete (exact resume itself: test_training)
-    assert restarted.config.n_routed_experts == 8
+    # An uninterrupted run of the same training (one process; EP = single process to 1e-5: test_training).
+    torch.manual_seed(0)
+    straight = tmp_path / "straight"
+    train(train_cfg(straight, save_every=2), batch_fn=batch_fn, model=CausalLM(config()), handle_signals=False)
+    expected = read_metrics(straight / "metrics.jsonl")
+    for got, want in zip(records, expected, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=LOSS_RTOL), got["step"]
+        assert got["mtp_loss"] == pytest.approx(want["mtp_loss"], rel=LOSS_RTOL), got["step"]
+    restarted, _ = load_model(out)  # the final checkpoint is complete and loads into one process
+    reference, _ = load_model(straight)
+    for (name, p), q in zip(restarted.state_dict().items(), reference.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from latentmoe.plan.arch import load_arch
+from latentmoe.plan.arch import arch_from_hf_dict, load_arch
 from latentmoe.plan.errors import PlanError
 from latentmoe.plan.memory import (
     ParallelLayout,
@@ -13,6 +13,7 @@ from latentmoe.plan.memory import (
     serving_capacity,
     stage_memory,
 )
+from tests.plan.helpers import tiny_llama_config
 
 # tiny-llama (tests/plan/helpers.py): hidden 64, 2 layers, 4 heads x 16, 2 KV heads, FFN 128, vocab 100.
 LAYER_PARAMS = (64 * 64 + 2 * 64 * 32 + 64 * 64) + 3 * 64 * 128 + 2 * 64  # attention + SwiGLU + 2 norms
@@ -105,3 +106,53 @@ def test_serving_capacity_counts_kv_tokens_after_the_weights():
     tp8 = serving_capacity(qwen, devices=8, device_memory_bytes=80e9, attention_tp=8)
     assert tp8.max_kv_tokens == (80_000_000_000 - weights) // (327_680 // 8)  # heads split 8 ways
     assert not serving_capacity(load_arch("deepseek-v3"), devices=8, device_memory_bytes=80e9).fits
+
+
+# tiny-mixtral: hidden 64, 2 layers, 4 heads x 16, 2 KV heads, 4 experts of width 32, top-2, vocab 100.
+MIXTRAL_ATTN = 2 * 64 + (4 + 2 * 2) * 16 + 4 * 16  # block input + normed input, q/k/v, kernel output = 320
+MIXTRAL_MOE = 2 * 64 + 4 + 2 * (2 * 64 + 3 * 32)  # input + normed, router logits, per routed choice = 580
+MIXTRAL_LAYER_BYTES = (MIXTRAL_ATTN + MIXTRAL_MOE) * 2 + 4 * 4  # bf16 + FP32 LSE per head
+
+
+def test_moe_layer_activations_by_hand_mixtral():
+    """Per token and MoE layer: input and normed input (2h), the router logits (E), and for each of the
+    top-k routed experts the dispatched input and its output (2h) plus gate, up, gate*up (3 x width)."""
+    assert (MIXTRAL_ATTN, MIXTRAL_MOE, MIXTRAL_LAYER_BYTES) == (320, 580, 1816)
+    arch = arch_from_hf_dict(tiny_llama_config(model_type="mixtral", intermediate_size=32, num_local_experts=4,
+                                               num_experts_per_tok=2), "tiny-mixtral")
+    mem = memory_per_device(arch, ParallelLayout(), seq_len=SEQ, micro_batch=1)
+    assert mem.activations_bytes == 2 * MIXTRAL_LAYER_BYTES * SEQ
+    selective = memory_per_device(arch, ParallelLayout(), seq_len=SEQ, micro_batch=1, recompute="selective")
+    no_normed_copies = (MIXTRAL_ATTN - 64 + MIXTRAL_MOE - 64) * 2 + 16
+    assert selective.activations_bytes == 2 * no_normed_copies * SEQ
+
+
+TINY_V3 = {
+    "model_type": "deepseek_v3", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "q_lora_rank": 32, "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+    "intermediate_size": 128, "moe_intermediate_size": 32, "n_routed_experts": 8, "num_experts_per_tok": 2,
+    "n_shared_experts": 1, "first_k_dense_replace": 1, "vocab_size": 100, "num_nextn_predict_layers": 0,
+    "topk_method": "noaux_tc",
+}
+
+
+def test_moe_layer_activations_by_hand_deepseek_mla_with_shared_expert():
+    """A dense layer 0 and an MoE layer 1 with one shared expert, both with MLA attention.
+
+    MLA: 2h (input, normed) + c_Q 32 + c_KV 16 + k_R 8 + normed c_Q, c_KV (48) + q, k (4 heads x 24 each)
+    + v (4 x 16) + kernel output (4 x 16) = 128 + 104 + 256 + 64 = 552.
+    Dense FFN: 2h + 3 x 128 = 512. MoE FFN: 2h + 8 router logits + 2 x (2h + 3 x 32) + shared 3 x 32 = 680.
+    """
+    arch = arch_from_hf_dict(TINY_V3, "tiny-v3")
+    layer0 = (552 + 512) * 2 + 4 * 4
+    layer1 = (552 + 680) * 2 + 4 * 4
+    mem = memory_per_device(arch, ParallelLayout(), seq_len=SEQ, micro_batch=1)
+    assert (layer0, layer1) == (2144, 2480)
+    assert mem.activations_bytes == (layer0 + layer1) * SEQ
+    # selective recompute (TR §3.2.3): no normed copies, no per-head q, k, v: MLA 64 + 56 + 64 = 184,
+    # dense FFN 64 + 384 = 448, MoE FFN 64 + 8 + 448 + 96 = 616
+    selective = memory_per_device(arch, ParallelLayout(), seq_len=SEQ, micro_batch=1, recompute="selective")
+    assert selective.activations_bytes == ((184 + 448) * 2 + 16 + (184 + 616) * 2 + 16) * SEQ
+    # expert parallelism does not shard activations: the dispatched rows of a token are counted on its rank
+    ep = memory_per_device(arch, ParallelLayout(dp=2, ep=2), seq_len=SEQ, micro_batch=1)
+    assert ep.activations_bytes == mem.activations_bytes

@@ -44,21 +44,38 @@ def test_training_writes_metrics_lines_and_both_plots(tmp_path):
     cfg = TrainConfig(
         out_dir=tmp_path, steps=12, batch_size=4, seq_len=32, warmup_steps=2, log_every=4, eval_every=6, keep_last=None
     )
+    step_loads = []  # per training forward: the load of every MoE layer, read off the layers themselves
+    layers = model.moe_layers()
+
+    def record_load(module, inputs, output):
+        if module.training:
+            if module is layers[0]:
+                step_loads.append([])
+            step_loads[-1].append(output.load_E.double())
+
+    hooks = [m.register_forward_hook(record_load) for m in layers]
     result = train(
         cfg, model=model, batch_fn=lambda step: data[step % 4], val_fn=lambda: [data[4], data[5]], on_log=seen.append
     )
+    for h in hooks:
+        h.remove()
 
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]  # every line is strict JSON
     assert records == seen
     assert [r["step"] for r in records] == [4, 6, 8, 12]  # log_every=4, plus the eval at step 6
-    n_moe = len(model.moe_layers())
+    assert len(step_loads) == 12
+    previous = 0
     for r in records:
         assert REQUIRED_KEYS <= r.keys()
-        assert len(r["expert_load_max_over_mean"]) == n_moe
-        assert all(x >= 1.0 for x in r["expert_load_max_over_mean"])
-        assert r["tokens_per_s"] > 0 and r["skipped_steps"] == 0
+        # max/mean of each layer's load summed over the steps since the previous record
+        window = torch.stack([torch.stack(loads) for loads in step_loads[previous : r["step"]]]).sum(0)
+        expected = (window.amax(-1) / window.mean(-1)).tolist()
+        assert r["expert_load_max_over_mean"] == pytest.approx(expected, rel=1e-6)
+        assert max(expected) > 1.0  # the check is not trivially 1: the load is uneven
+        assert r["tokens_seen"] == r["step"] * 4 * 32 and r["skipped_steps"] == 0
         assert math.isfinite(r["loss"]) and math.isfinite(r["mtp_loss"])
+        previous = r["step"]
     assert [r.get("val_loss") is not None for r in records] == [False, True, False, True]
     assert result.final_val_loss == records[-1]["val_loss"]
 
