@@ -125,6 +125,10 @@ class ExpertParallelStrategy:
         r = self.topology.rank
         return ids_BS[r * b : (r + 1) * b]
 
+    def batch_rows(self) -> tuple[int, int]:
+        """Every rank takes its own share of the global batch's rows (the split :meth:`shard_batch` makes)."""
+        return self.topology.rank, self.world_size
+
     def begin_step(self, model: nn.Module) -> None:
         reset_traffic(model)
 

@@ -13,6 +13,8 @@ from latentmoe.train.optim import build_optimizer, lr_at
 from latentmoe.train.run_dir import DEMO_KIND, RunDirectoryError, RunPlan, claim_run_file, plan_run
 from latentmoe.train.strategy import LossStats, SingleProcess, Strategy
 from latentmoe.train.trainer import (
+    DataInfo,
+    RankBatches,
     Trainer,
     TrainingError,
     TrainingInterrupted,
@@ -23,9 +25,11 @@ from latentmoe.train.trainer import (
 
 __all__ = [
     "DEMO_KIND",
+    "DataInfo",
     "LossStats",
     "MetricsWriter",
     "NullMetrics",
+    "RankBatches",
     "RunDirectoryError",
     "RunPlan",
     "SingleProcess",

@@ -5,6 +5,8 @@ process and W processes differ is a method here::
 
     prepare_model(model)            shard what this rank holds (experts over the EP group, ...) in place
     shard_batch(ids_BS)             this rank's rows of the global batch
+    batch_rows()                    (index, count): which share of the global batch's rows is this rank's, for a
+                                    batch source that reads only its own rows (trainer.RankBatches)
     begin_step / end_step           per-step bookkeeping (communication counters)
     reduce_losses(...)              global means of the step's losses + "does any rank want to stop?"
     sum(t)                          a global sum (the expert load that drives the router-bias update)
@@ -61,6 +63,8 @@ class Strategy(Protocol):
 
     def shard_batch(self, ids_BS: torch.Tensor) -> torch.Tensor: ...
 
+    def batch_rows(self) -> tuple[int, int]: ...
+
     def begin_step(self, model: nn.Module) -> None: ...
 
     def end_step(self, model: nn.Module) -> None: ...
@@ -111,6 +115,9 @@ class SingleProcess:
 
     def shard_batch(self, ids_BS: torch.Tensor) -> torch.Tensor:
         return ids_BS
+
+    def batch_rows(self) -> tuple[int, int]:
+        return 0, 1
 
     def begin_step(self, model: nn.Module) -> None:
         pass
