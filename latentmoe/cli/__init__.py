@@ -1,7 +1,7 @@
 """The command line: one module per subcommand (parse, call the library, print). ``latentmoe --help`` lists them.
 
     train       latentmoe.cli.train       prepare-data  latentmoe.cli.prepare_data
-    generate    latentmoe.cli.generate
+    generate    latentmoe.cli.generate    eval        latentmoe.cli.eval
     convert     latentmoe.cli.convert     demo        latentmoe.cli.demo
     plan        latentmoe.cli.plan        ep-report   latentmoe.cli.ep_report
 
@@ -26,7 +26,7 @@ from latentmoe.cli.common import (
     setup_messages,
 )
 
-SUBCOMMANDS = ("train", "prepare_data", "generate", "convert", "demo", "ep_report", "plan")
+SUBCOMMANDS = ("train", "prepare_data", "generate", "eval", "convert", "demo", "ep_report", "plan")
 
 
 def build_parser() -> OneLineErrorParser:
