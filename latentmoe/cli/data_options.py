@@ -1,4 +1,5 @@
-"""The data and starting-point options of ``latentmoe train``: ``--data``, ``--sampling``, ``--init-from``, ``--sft``.
+"""The data and starting-point options of ``latentmoe train``: ``--data``, ``--sampling``, ``--init-from``, ``--sft``
+(and ``--no-verify-data``, ``--sft-val-fraction``).
 
 Kept apart from ``cli/train.py`` so the training command's own options and these grow independently; both end in
 ``latentmoe.train.run.train_on_corpus``.
@@ -20,6 +21,9 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", metavar="DIR", default=None,
                    help="a dataset prepared by `latentmoe prepare-data` (default: the shipped Shakespeare corpus); "
                    "a fresh model takes its tokenizer's vocabulary")
+    g.add_argument("--no-verify-data", dest="verify_data", action="store_false",
+                   help="check only the shards' sizes at start, not their SHA-256 (for a dataset too large to "
+                   "read once)")
     g.add_argument("--sampling", choices=SAMPLING_CHOICES, default="random",
                    help="random windows (a pure function of seed and step) or one sequential pass after another "
                    "(default %(default)s)")
@@ -38,5 +42,5 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
 
 def data_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of ``train_on_corpus`` these options set."""
-    return {"data": args.data, "sampling": args.sampling, "init_from": args.init_from, "sft": args.sft,
-            "sft_val_fraction": args.sft_val_fraction}
+    return {"data": args.data, "verify_data": args.verify_data, "sampling": args.sampling,
+            "init_from": args.init_from, "sft": args.sft, "sft_val_fraction": args.sft_val_fraction}

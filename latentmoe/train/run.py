@@ -43,6 +43,7 @@ from latentmoe.data.chat import DEFAULT_VAL_FRACTION, ChatDataset
 from latentmoe.data.dataset import SAMPLING_MODES, TokenDataset
 from latentmoe.data.prepare import prepare_shipped_corpus
 from latentmoe.data.shards import DatasetError
+from latentmoe.data.sources import DataSourceError
 from latentmoe.device import resolve_device
 from latentmoe.hf.tokenizer import HFTokenizer, chat_template_of, load_tokenizer, render_chat_template
 from latentmoe.hf.tokenizer import tokenizer_config_text as hf_tokenizer_config_text
@@ -103,10 +104,12 @@ def fit_vocabulary(config: ModelConfig, dataset: TokenDataset | None) -> ModelCo
 
 def check_tokenizer_matches(dataset: TokenDataset, tokenizer: HFTokenizer, *, owner: str) -> None:
     """The dataset must be tokenised with the model's tokenizer (the same vocabulary, id for id)."""
-    if dataset.tokenizer.get_vocab(with_added_tokens=True) != tokenizer.tokenizer.get_vocab(with_added_tokens=True):
+    theirs = tokenizer.tokenizer.get_vocab(with_added_tokens=True)
+    if dataset.tokenizer.get_vocab(with_added_tokens=True) != theirs:
+        sizes = f"{dataset.vocab_size} tokens vs {len(theirs)}" if dataset.vocab_size != len(theirs) else \
+            "the same size, other tokens"
         raise DatasetError(
-            f"{dataset.path}: prepared with another tokenizer ({dataset.vocab_size} tokens) than {owner}'s "
-            f"({tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)} tokens); prepare the data with "
+            f"{dataset.path}: prepared with another tokenizer than {owner}'s ({sizes}); prepare the data with "
             f"--tokenizer {owner}"
         )
 
@@ -120,6 +123,7 @@ def train_on_corpus(
     init_from: str | os.PathLike | None = None,
     sft: str | os.PathLike | None = None,
     sft_val_fraction: float = DEFAULT_VAL_FRACTION,
+    verify_data: bool = True,
     resume: bool | str = False,
     overwrite: bool = False,
     replace_own: bool = False,
@@ -130,7 +134,10 @@ def train_on_corpus(
     kind: str = RUN_KIND,
     on_log=None,
 ) -> tuple[TrainResult, RunData]:
-    """Train (see the module docstring) and return the result and what it trained on."""
+    """Train (see the module docstring) and return the result and what it trained on.
+
+    ``verify_data``: rank 0 checks every shard's SHA-256 against the manifest before training (the others, and
+    every rank without it, check sizes only) — off for a dataset too large to read once at start."""
     strategy = strategy or SingleProcess()
     device = resolve_device(device)
     out_dir = Path(cfg.out_dir)
@@ -138,7 +145,10 @@ def train_on_corpus(
     _check_options(out_dir, data=data, sft=sft, init_from=init_from, model_spec=model_spec, sampling=sampling)
 
     # Everything that can be checked before the run directory is touched.
-    dataset = TokenDataset.open(data) if data is not None else None
+    dataset = TokenDataset.open(data, verify_hashes=verify_data and strategy.is_main) if data is not None else None
+    if dataset is not None and dataset.train_tokens < cfg.seq_len:
+        raise DatasetError(f"{dataset.path}: the training split holds {dataset.train_tokens} tokens, fewer than "
+                           f"--seq-len {cfg.seq_len}")
     source = open_pretrained(init_from) if init_from is not None else None
     if source is not None and dataset is not None:
         _check_fit(dataset, source.config, source.tokenizer, owner=str(init_from))
@@ -219,10 +229,13 @@ def _check_options(out_dir: Path, *, data, sft, init_from, model_spec, sampling:
         raise ValueError("--init-from takes the model from the checkpoint; drop --preset")
     if sampling not in SAMPLING_MODES:
         raise ValueError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got {sampling!r}")
+    if sft is not None and not Path(sft).is_file():
+        raise DataSourceError(f"{sft}: no such file")
     if init_from is not None:
         source, out = Path(init_from).resolve(), out_dir.resolve()
-        if source == out or out in source.parents:
-            raise RunDirectoryError(f"--init-from {init_from} is inside --out {out_dir}; start the new run elsewhere")
+        if source == out or out in source.parents or source in out.parents:
+            raise RunDirectoryError(f"--init-from {init_from} and --out {out_dir} overlap (one is inside the other); "
+                                    "start the new run in a directory of its own")
 
 
 def _check_fit(dataset: TokenDataset, config: ModelConfig, tokenizer: HFTokenizer, *, owner: str) -> None:
@@ -252,9 +265,6 @@ def _run_tokenizer(out_dir: Path, config: ModelConfig) -> HFTokenizer | None:
 
 def _read_chat(path, tokenizer: HFTokenizer, config: ModelConfig, *, val_fraction: float) -> ChatDataset:
     template, is_default = chat_template_of(tokenizer)
-    if is_default:
-        log.info("the tokenizer has no chat template: using latentmoe's default (latentmoe/hf/tokenizer.py "
-                 "DEFAULT_CHAT_TEMPLATE)")
     variables: dict[str, Any] = dict(tokenizer.special_tokens)
     variables.setdefault("bos_token", "")
     variables.setdefault("eos_token", "")
@@ -274,6 +284,9 @@ def _read_chat(path, tokenizer: HFTokenizer, config: ModelConfig, *, val_fractio
     largest = chat.max_token_id()
     if largest >= config.vocab_size:
         raise DatasetError(f"{path}: renders to token id {largest}, outside the model's vocab_size {config.vocab_size}")
+    if is_default:
+        log.info("the tokenizer has no chat template: rendered with latentmoe's default (latentmoe/hf/tokenizer.py "
+                 "DEFAULT_CHAT_TEMPLATE)")
     return chat
 
 
