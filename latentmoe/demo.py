@@ -19,6 +19,7 @@ import torch
 from latentmoe.checkpoint import load_model
 from latentmoe.config import ModelConfig
 from latentmoe.data import unigram_cross_entropy
+from latentmoe.device import resolve_device
 from latentmoe.infer import SamplingParams, generate_text
 from latentmoe.plan import param_count
 from latentmoe.plan.arch import arch_from_model_config
@@ -58,6 +59,7 @@ def run_demo(
 ) -> DemoResult:
     """Train from scratch (a previous demo run in ``cfg.out_dir`` is replaced), then sample continuations of
     ``prompts`` from the final checkpoint."""
+    device = resolve_device(device)
     result, data = train_on_corpus(
         cfg, model_spec=model_spec, progress=progress, cache_dir=cache_dir, overwrite=overwrite, replace_own=True,
         device=device, kind=DEMO_KIND,

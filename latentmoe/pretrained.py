@@ -16,8 +16,16 @@ from pathlib import Path
 import torch
 
 from latentmoe.checkpoint import TOKENIZER_FILE, CheckpointError, find_tokenizer, load_model, resolve_checkpoint
+from latentmoe.checkpoint.tensors import first_nonfinite
 from latentmoe.device import resolve_device
 from latentmoe.hf.errors import HFCheckpointError
+
+
+def check_finite(model, source: Path) -> None:
+    """Weights holding NaN or inf would sample garbage (or fail deep inside sampling): refuse them up front."""
+    bad = first_nonfinite(model)
+    if bad is not None:
+        raise CheckpointError(f"{source}: tensor {bad} holds NaN or inf (a damaged or diverged checkpoint)")
 
 
 def check_vocabulary(tokenizer, vocab_size: int, source: Path) -> None:
@@ -50,10 +58,12 @@ def load(
         if tokenizer is None:
             raise HFCheckpointError(f"no {TOKENIZER_FILE} in {path}")
         model = load_pretrained(path, dtype=dtype, device=target)
+        check_finite(model, path)
         check_vocabulary(tokenizer, model.config.vocab_size, path / TOKENIZER_FILE)
         return model, tokenizer
     ckpt = resolve_checkpoint(path)
     tokenizer = find_tokenizer(ckpt)
     model, _ = load_model(ckpt, device=target, dtype=dtype)
+    check_finite(model, ckpt)
     check_vocabulary(tokenizer, model.config.vocab_size, ckpt)
     return model, tokenizer

@@ -38,6 +38,7 @@ from latentmoe.checkpoint.store import (
     load_weights,
     prune_checkpoints,
     save_checkpoint,
+    set_aside,
     write_expert_shard,
     write_main_files,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "prune_checkpoints",
     "resolve_checkpoint",
     "save_checkpoint",
+    "set_aside",
     "shard_files",
     "split_experts",
     "unflatten_optimizer_state",

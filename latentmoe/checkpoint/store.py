@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from latentmoe.checkpoint.layout import (
@@ -53,6 +52,7 @@ from latentmoe.checkpoint.tensors import (
     read_model_tensors,
     shard_files,
     unflatten_optimizer_state,
+    write_safetensors,
 )
 from latentmoe.config import ConfigError, ModelConfig
 from latentmoe.io import (
@@ -61,6 +61,7 @@ from latentmoe.io import (
     disown,
     foreign_in_tree,
     one_line,
+    read_ownership,
     remove_owned_tree,
     replace_owned_directory,
     temp_dir,
@@ -70,6 +71,7 @@ from latentmoe.model.moe import is_expert_parameter
 
 RUN_KIND = "run"
 SAFETENSORS_METADATA = {"format": "pt"}
+DAMAGED_SUFFIX = "damaged"
 TOKENIZER_FILE = "tokenizer.json"  # beside the checkpoints of a run (or inside a checkpoint directory)
 
 
@@ -92,10 +94,10 @@ def write_main_files(
     optimizer_metadata: dict[str, str] | None = None,
 ) -> None:
     """``model.safetensors``, ``config.json`` and (with optimizer tensors) ``optimizer.safetensors`` into ``tmp``."""
-    save_file(tensors, str(tmp / MODEL_FILE), metadata=SAFETENSORS_METADATA)
+    write_safetensors(tensors, tmp / MODEL_FILE, metadata=SAFETENSORS_METADATA)
     config.to_json(tmp / CONFIG_FILE)
     if optimizer_tensors is not None:
-        save_file(optimizer_tensors, str(tmp / OPTIMIZER_FILE), metadata=optimizer_metadata or {})
+        write_safetensors(optimizer_tensors, tmp / OPTIMIZER_FILE, metadata=optimizer_metadata or {})
 
 
 def write_expert_shard(
@@ -107,10 +109,10 @@ def write_expert_shard(
     optimizer_tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """EP rank ``rank`` of ``size``'s expert slices (and their AdamW moments) into ``tmp``."""
-    save_file(tensors, str(tmp / expert_shard_name("model", rank, size)), metadata=SAFETENSORS_METADATA)
+    write_safetensors(tensors, tmp / expert_shard_name("model", rank, size), metadata=SAFETENSORS_METADATA)
     if optimizer_tensors is not None:
-        save_file(optimizer_tensors, str(tmp / expert_shard_name("optimizer", rank, size)),
-                  metadata=SAFETENSORS_METADATA)
+        write_safetensors(optimizer_tensors, tmp / expert_shard_name("optimizer", rank, size),
+                          metadata=SAFETENSORS_METADATA)
 
 
 def commit_checkpoint(
@@ -144,16 +146,26 @@ def _make_room(final: Path) -> None:
     """An existing ``checkpoint-STEP`` that is ours and complete is replaced by the commit; a damaged one, or one
     holding files we did not write, is renamed aside so that nothing of it is lost."""
     try:
-        verify_checkpoint(final, hashes=False)
+        verify_checkpoint(final, hashes=True)
         foreign = foreign_in_tree(final)
     except CheckpointError:
         foreign = None
     if foreign == []:
         return
+    set_aside(final)
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint to ``NAME.damaged-N`` — never deleted: a person may want to look at it — so the
+    run can write that step again; returns the new path."""
     n = 1
-    while (aside := final.with_name(f"{final.name}.damaged-{n}")).exists():
+    while (aside := ckpt.with_name(f"{ckpt.name}.{DAMAGED_SUFFIX}-{n}")).exists():
         n += 1
-    os.rename(final, aside)
+    os.rename(ckpt, aside)
+    owner = read_ownership(ckpt.parent)
+    if owner is not None:
+        claim(ckpt.parent, owner.kind, [aside.name])
+    return aside
 
 
 def save_checkpoint(
@@ -330,6 +342,7 @@ __all__ = [
     "load_weights",
     "prune_checkpoints",
     "save_checkpoint",
+    "set_aside",
     "write_expert_shard",
     "write_main_files",
 ]

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from latentmoe.checkpoint.layout import FORMAT_VERSION, CheckpointError
@@ -31,6 +31,23 @@ from latentmoe.model.moe import is_expert_parameter
 EXPERT_SHARD = "{kind}-experts-{rank:05d}-of-{size:05d}.safetensors"
 SHARD_KINDS = ("model", "optimizer")
 _SHARD_RE = re.compile(r"^(model|optimizer)-experts-(\d{5})-of-(\d{5})\.safetensors$")
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, *, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.save_file``, with its I/O failures (a full disk, a read-only filesystem) raised as one
+    ``OSError`` naming the file — safetensors reports them as its own exception type."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        raise OSError(f"{path}: cannot write ({one_line(exc)})") from None
+
+
+def first_nonfinite(model: nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding NaN or inf (None when every value is finite)."""
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor.detach()).all()):
+            return name
+    return None
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

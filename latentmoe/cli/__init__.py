@@ -92,8 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except TrainingInterrupted as exc:
-        where = f"; checkpoint saved at {exc.checkpoint}" if exc.checkpoint else ""
-        print(f"{PROG}: interrupted at step {exc.step}{where} (resume with --resume)", file=sys.stderr)
+        from latentmoe.parallel.runtime import env_world
+
+        if env_world()[0] == 0:  # under torchrun every rank stopped at the same step: rank 0 says so
+            where = f"; checkpoint saved at {exc.checkpoint}" if exc.checkpoint else ""
+            print(f"{PROG}: interrupted at step {exc.step}{where} (resume with --resume)", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -48,6 +48,7 @@ def limited(limit: Limit) -> Callable[[str], int | float]:
         return value
 
     parse.__name__ = "integer" if limit.integer else "number"  # argparse names the type in some messages
+    parse.limit = limit  # type: ignore[attr-defined]  # what tests read to probe every numeric option
     return parse
 
 
@@ -99,13 +100,19 @@ class _Messages(logging.Formatter):
         return f"{PROG}: {level}{record.getMessage()}"
 
 
+class _Stderr(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests and callers may redirect it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
 def setup_messages() -> None:
     """Library messages (the ``latentmoe`` logger) go to stderr as ``latentmoe: warning: ...`` lines."""
     logger = logging.getLogger(PROG)
-    if not any(getattr(h, "_latentmoe", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
         handler.setFormatter(_Messages())
-        handler._latentmoe = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False

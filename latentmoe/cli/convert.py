@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from latentmoe.cli.common import add_overwrite_option
+from latentmoe.cli.common import add_device_option, add_overwrite_option
 
 
 def add_parser(sub) -> None:
@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors file written in the hf layout (default %(default)s)")
     add_overwrite_option(p, "DST")
+    add_device_option(p)
     p.set_defaults(func=run)
 
 
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     dtype = dtype_from_name(args.dtype) if args.dtype else None
     result = convert(args.src, args.dst, to=args.to, dtype=dtype, dequantize=args.dequantize,
-                     max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+                     max_shard_size=args.max_shard_size, overwrite=args.overwrite, device=args.device)
     dequantized = f", {result.dequantized} FP8 tensors dequantised" if result.dequantized else ""
     print(f"converted {result.source} ({result.source_kind}) -> {result.written} ({result.destination_kind}): "
           f"{result.num_parameters / 1e6:.1f}M parameters in {str(result.dtype).removeprefix('torch.')}, "

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from latentmoe.cli.common import OneLineErrorParser, number, positive_int
+from latentmoe.cli.common import OneLineErrorParser, add_overwrite_option, number, positive_int
 from latentmoe.io import BITS_PER_BYTE, BYTES_PER_MIB, GIGA, MS_PER_S
 from latentmoe.plan.arch import ArchSpec, load_arch
 from latentmoe.plan.arith import DTYPE_BYTES
@@ -177,7 +177,7 @@ def run_report(args: argparse.Namespace) -> int:
         print(format_model_table(reports, cluster=cluster))
     if args.plot:
         costs = [topology_cost(t, paper_unit_prices()) for t in topologies(ISCA_TABLE3_RADIX)]
-        paths = write_plots(Path(args.plot), reports=reports, costs=costs)
+        paths = write_plots(Path(args.plot), reports=reports, costs=costs, overwrite=args.overwrite)
         print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr if args.json else sys.stdout)
     return 0
 
@@ -239,7 +239,7 @@ def run_network(args: argparse.Namespace) -> int:
         note = f"switches x ${prices.switch_usd:,.0f} + links x ${prices.link_usd:,.2f} ({prices.source})"
         print(format_network_table(costs, prices_note=note))
     if args.plot:
-        paths = write_plots(Path(args.plot), costs=costs)
+        paths = write_plots(Path(args.plot), costs=costs, overwrite=args.overwrite)
         print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr if args.json else sys.stdout)
     return 0
 
@@ -330,7 +330,13 @@ def add_plan_subcommand(subparsers: argparse._SubParsersAction) -> None:
         type=positive_int(MAX_COUNT),
         help=f"expert-parallel degree (default: gcd({PAPER_EP}, routed experts, dp x tp))",
     )
-    lay.add_argument("--zero", type=int, default=1, choices=ZERO_STAGES, help="ZeRO stage (default 1)")
+    lay.add_argument(
+        "--zero",
+        type=number(0, max(ZERO_STAGES), integer=True),
+        default=1,
+        choices=ZERO_STAGES,
+        help="ZeRO stage (default 1)",
+    )
     lay.add_argument("--seq-len", type=positive_int(MAX_COUNT), default=PAPER_SEQ_LEN, help="training sequence length")
     lay.add_argument("--micro-batch", type=positive_int(MAX_COUNT), default=1, help="sequences per micro-batch")
     lay.add_argument("--recompute", default="none", choices=RECOMPUTE_MODES)
@@ -355,6 +361,7 @@ def add_plan_subcommand(subparsers: argparse._SubParsersAction) -> None:
     inf.add_argument("--mtp-acceptance", type=number(0, 1), help="MTP draft acceptance rate, e.g. 0.85")
     plan.add_argument("--json", action="store_true", help="print a JSON list with one object per model")
     plan.add_argument("--plot", metavar="DIR", help="write PNG charts into DIR")
+    add_overwrite_option(plan, "--plot DIR")
     plan.set_defaults(func=run_report)
 
     sub = plan.add_subparsers(dest="plan_command", metavar="{decode-limit,network,all-to-all}")
@@ -423,6 +430,7 @@ def add_plan_subcommand(subparsers: argparse._SubParsersAction) -> None:
     net.add_argument("--link-usd", type=number(0, MAX_USD), help="price of a link (default: implied by ISCA Table 3)")
     net.add_argument("--json", action="store_true", help="print one JSON object per topology")
     net.add_argument("--plot", metavar="DIR", help="write the cost-per-endpoint chart into DIR")
+    add_overwrite_option(net, "--plot DIR")
     net.set_defaults(func=run_network)
 
     a2a = sub.add_parser("all-to-all", help="flow simulation: multi-rail vs multi-plane fat-tree, failures")

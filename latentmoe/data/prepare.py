@@ -589,14 +589,16 @@ def _check_destination(out: Path, state: str, *, append: bool, overwrite: bool) 
         if not out.is_dir():
             raise DatasetError(f"{out}: exists and is not a directory")
         if not overwrite:
+            foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
             raise DatasetError(
-                f"{out}: not empty and not a prepared dataset; choose another directory or pass overwrite=True "
-                "(--overwrite; files we did not write are never deleted)"
+                f"{out}: holds files latentmoe did not write ({foreign[0] if foreign else '?'}) and no prepared "
+                "dataset; choose an empty directory, or pass --overwrite to write beside them (they are never removed)"
             )
         clash = sorted(p.name for p in out.iterdir() if is_reserved_name(p.name))
         if clash:
             raise DatasetError(
-                f"{out / clash[0]}: a file we did not write has a name prepare-data writes; move it away"
+                f"{out / clash[0]}: exists and was not written by latentmoe; it is not replaced (prepare-data writes "
+                "a file of that name)"
             )
     if append and state != "ours":
         raise DatasetError(f"{out}: no prepared dataset to append to")

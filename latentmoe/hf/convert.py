@@ -74,11 +74,13 @@ def convert(
     dequantize: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
+    device: str | torch.device | None = None,
 ) -> ConvertResult:
     """Convert ``src`` into ``dst``; ``to`` defaults to the other kind than ``src``'s.
 
     dtype: of the written weights (default: as stored; bf16 for an FP8 source). FP8 block-quantised sources
     need ``dequantize=True`` — our model holds full-precision weights. ``overwrite``: see the module docstring.
+    ``device``: where the weights are loaded (and dequantised) on the way; the files are written from the host.
     Everything about the destination is checked before any weights are read.
     """
     src, dst = Path(src), Path(dst)
@@ -100,11 +102,11 @@ def convert(
             )
         dequantized = info.fp8_tensors
         dtype = dtype or (torch.bfloat16 if info.fp8_tensors else info.stored_dtype)
-        model = load_pretrained(src, dtype=dtype)
+        model = load_pretrained(src, dtype=dtype, device=device)
         tokenizer = load_tokenizer(src)
     else:
         ckpt = resolve_checkpoint(src)
-        model, _ = load_model(ckpt)
+        model, _ = load_model(ckpt, device=device)
         dtype = dtype or model.lm_head.weight.dtype
         tokenizer = find_tokenizer(ckpt, required=False)
     if to == HF:

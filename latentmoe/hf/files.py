@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from latentmoe.checkpoint.tensors import write_safetensors
 from latentmoe.hf.errors import HFCheckpointError
 from latentmoe.io import one_line, read_json
 
@@ -208,7 +208,7 @@ def write_shards(
                 t = t.contiguous().clone()
             seen.add(t.data_ptr())
             shard[key] = t
-        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        write_safetensors(shard, directory / name, metadata={"format": "pt"})
         written.append(directory / name)
         del shard
     if len(shards) > 1:

@@ -30,10 +30,12 @@ import math
 import torch
 
 from latentmoe.config import ModelConfig
+from latentmoe.dtypes import DTYPES
+from latentmoe.fp8.formats import E4M3
 
-CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+CACHE_DTYPES = {name: DTYPES[name] for name in ("fp32", "bf16", "fp8")}
+FP8_DTYPE = E4M3.dtype
+FP8_MAX = E4M3.max  # 448
 FP8_SCALE_DTYPE = torch.float32
 MIN_SCALE = torch.finfo(torch.float32).tiny  # an all-zero row keeps a finite scale
 

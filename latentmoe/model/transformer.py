@@ -296,9 +296,9 @@ def meta_model(config: ModelConfig, *, dtype: torch.dtype = torch.float32) -> Ca
 
 def materialize(model: CausalLM, *, device: torch.device | str | None = None) -> CausalLM:
     """Allocate a :func:`meta_model` (uninitialised) on ``device`` (default the host), in place; returns it."""
-    from latentmoe.device import HOST
+    from latentmoe.device import HOST, resolve_device
 
-    device = torch.device(device) if device is not None else HOST
+    device = resolve_device(device) if device is not None else HOST
     shared: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         shared.setdefault(id(p), []).append(name)

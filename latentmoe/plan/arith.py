@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from latentmoe.io import GIGA, TERA
 from latentmoe.plan.arch import ArchSpec, FFNSpec
 from latentmoe.plan.errors import PlanError
 from latentmoe.plan.paper import BYTES_PER_PAPER_KB
@@ -46,8 +47,6 @@ FLOPS_PER_MAC = 2  # one multiply-accumulate is two floating-point operations
 TRAIN_FLOPS_PER_PARAM = 6  # forward 2 + backward 4 FLOP per weight per token (Kaplan et al. 2020)
 TRAIN_PASSES = 3  # forward + backward (input gradient + weight gradient) for the attention term
 CAUSAL_FRACTION = 0.5  # a causal mask keeps half of the S x S score matrix (FlashAttention's convention)
-GIGA = 1e9
-TERA = 1e12
 SECONDS_PER_DAY = 86_400
 FLOPS_RULE = (
     "6 x (activated matmul params + vocab x hidden) + 3 x layers x 2 x S_eff x heads x (d_qk + d_v); "

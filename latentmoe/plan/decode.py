@@ -29,13 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
+from latentmoe.io import BITS_PER_BYTE, GIGA, MS_PER_S
 from latentmoe.plan.arch import ArchSpec
 from latentmoe.plan.errors import PlanError
 
 US_PER_S = 1_000_000
-MS_PER_S = 1_000
-BITS_PER_BYTE = 8
-GIGA = 10**9
 DUAL_MICRO_BATCH = 2  # ISCA §2.3.1: two micro-batches overlap compute with dispatch/combine
 
 

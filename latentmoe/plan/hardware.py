@@ -21,7 +21,7 @@ from importlib import resources
 from types import MappingProxyType
 from typing import Any
 
-from latentmoe.plan.decode import BITS_PER_BYTE, GIGA
+from latentmoe.io import BITS_PER_BYTE, GIGA
 from latentmoe.plan.errors import PlanError
 
 PLAN_PACKAGE = "latentmoe.plan"

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from latentmoe.io import BYTES_PER_MIB, GIGA, MS_PER_S, DestinationError, check_destination, claim, save_figure
 from latentmoe.plan.arch import ArchSpec
 from latentmoe.plan.arith import (
     FLOPS_RULE,
@@ -26,6 +27,7 @@ from latentmoe.plan.arith import (
     train_flops_per_token,
 )
 from latentmoe.plan.decode import DecodeLimit, decode_limit, decode_limit_for_arch
+from latentmoe.plan.errors import PlanError
 from latentmoe.plan.hardware import Cluster
 from latentmoe.plan.memory import (
     ParallelLayout,
@@ -48,11 +50,8 @@ from latentmoe.plan.paper import (
     DecodeCase,
 )
 
-GIGA = 1e9
 KUSD = 1e3
 MUSD = 1e6
-MS_PER_S = 1e3
-BYTES_PER_MIB = 2**20
 KV_RATIO_DIGITS = 2  # ISCA Table 1 prints ratios to two decimals
 PLOT_DPI = 120
 # TPOT-vs-bandwidth chart: from a quarter of one 400G NIC to twice NVL72's per-GPU NVLink, in GB/s.
@@ -467,12 +466,8 @@ def format_all_to_all(results: Sequence[Any], labels: Sequence[str]) -> str:
 
 # ---------------------------------------------------------------------------------------------- plots
 def _save(fig: Any, path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
     fig.tight_layout()
-    fig.savefig(path, dpi=PLOT_DPI)
-    return path
+    return save_figure(fig, path, dpi=PLOT_DPI)
 
 
 def plot_kv_cache(reports: Sequence[ModelReport], path: Path) -> Path:
@@ -551,19 +546,36 @@ def plot_cost_per_endpoint(costs: Sequence[TopologyCost], path: Path) -> Path:
     return _save(fig, path)
 
 
+PLOTS_KIND = "plots"
+KV_PLOT, TPOT_PLOT, COST_PLOT = "kv_cache_per_token.png", "tpot_vs_bandwidth.png", "cost_per_endpoint.png"
+
+
 def write_plots(
-    directory: Path, *, reports: Sequence[ModelReport] = (), costs: Sequence[TopologyCost] = ()
+    directory: Path,
+    *,
+    reports: Sequence[ModelReport] = (),
+    costs: Sequence[TopologyCost] = (),
+    overwrite: bool = False,
 ) -> list[Path]:
-    """Write the charts that have data into ``directory`` (created if needed); returns their paths."""
+    """Write the charts that have data into ``directory`` (created if needed); returns their paths.
+
+    ``directory`` follows latentmoe's file rules (latentmoe.io): new, empty or a plot directory of ours; with
+    ``overwrite`` it may hold other files, which are kept (a file named like one of the charts is refused)."""
     directory = Path(directory)
+    names = ([KV_PLOT, TPOT_PLOT] if reports else []) + ([COST_PLOT] if costs else [])
+    try:
+        check_destination(directory, kinds=(PLOTS_KIND,), overwrite=overwrite, writes=names)
+    except DestinationError as exc:
+        raise PlanError(str(exc)) from None
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     if reports:
-        written.append(plot_kv_cache(reports, directory / "kv_cache_per_token.png"))
+        written.append(plot_kv_cache(reports, directory / KV_PLOT))
         tokens = next(
             (r.decode.tokens for r in reports if r.decode is not None), ISCA_DECODE_TOKENS_PER_DEVICE
         )
-        written.append(plot_tpot_vs_bandwidth(reports, directory / "tpot_vs_bandwidth.png", tokens=tokens))
+        written.append(plot_tpot_vs_bandwidth(reports, directory / TPOT_PLOT, tokens=tokens))
     if costs:
-        written.append(plot_cost_per_endpoint(costs, directory / "cost_per_endpoint.png"))
+        written.append(plot_cost_per_endpoint(costs, directory / COST_PLOT))
+    claim(directory, PLOTS_KIND, [p.name for p in written])
     return written

@@ -31,6 +31,7 @@ from latentmoe.checkpoint import (
     checkpoint_dirs,
     find_resumable,
     is_complete,
+    set_aside,
 )
 from latentmoe.io import (
     Ownership,
@@ -117,6 +118,8 @@ def plan_run(
     mode = resume_mode(resume)
     if out_dir.exists() and not out_dir.is_dir():
         raise RunDirectoryError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and not os.access(out_dir, os.W_OK):
+        raise RunDirectoryError(f"{out_dir}: is not writable (read-only filesystem or no permission)")
     adopt_legacy_run(out_dir, kind)
     destination = check_destination(
         out_dir, kinds=compatible_kinds(kind), overwrite=overwrite, writes=RUN_FILES, option="--overwrite"
@@ -137,21 +140,23 @@ def plan_run(
                 log.warning("%s: kept (it holds files latentmoe did not write)", out_dir / name)
             log.info("%s: removed the previous run's files", out_dir)
         return RunPlan(out_dir, kind, None, removed_temporaries=removed)
-    for skipped in found.skipped:
-        log.warning("%s: skipped: %s", skipped.path.name, skipped.reason)
     if found.checkpoint is None:
         if found.skipped:
             raise RunDirectoryError(
-                f"{out_dir}: no valid checkpoint to resume from ({found.skipped[0].path.name}: "
-                f"{found.skipped[0].reason}); nothing was changed"
+                f"{out_dir}: no valid checkpoint to resume from, nothing was changed; newest: "
+                f"{found.skipped[0].reason}"
             )
         if mode == "required":
             raise RunDirectoryError(
                 f"{out_dir}: nothing to resume (no checkpoint); run without --resume, or with --resume auto"
             )
         log.warning("%s: no checkpoint to resume; starting from step 0", out_dir)
-    elif found.skipped:
-        log.warning("%s: resuming from the older %s instead", out_dir, found.checkpoint.name)
+    else:
+        for skipped in found.skipped:
+            aside = set_aside(skipped.path)
+            log.warning("%s: skipped: %s (kept as %s)", skipped.path.name, skipped.reason, aside.name)
+        if found.skipped:
+            log.warning("%s: resuming from the older %s instead", out_dir, found.checkpoint.name)
     removed = _remove_stale(out_dir)
     return RunPlan(out_dir, kind, found.checkpoint, found.skipped, removed)
 

@@ -15,7 +15,7 @@ from latentmoe.checkpoint import (
     load_model,
     save_checkpoint,
 )
-from latentmoe.checkpoint import store as ckpt_mod
+from latentmoe.checkpoint import tensors as ckpt_mod
 from latentmoe.model.mtp import causal_lm_loss
 from latentmoe.train.optim import build_optimizer
 

@@ -30,7 +30,7 @@ def test_bad_input_is_one_error_line_and_exit_status_2(documents, tmp_path, caps
     source = write_jsonl(documents[:3], tmp_path / "d.jsonl")
     assert main(["prepare-data", str(source), "--out", str(out), "--tokenizer", "train", "--vocab-size", "300"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("latentmoe: error: ") and "not empty" in err and "\n" not in err
+    assert err.startswith("latentmoe: error: ") and "did not write (keep.txt)" in err and "\n" not in err
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert main(["prepare-data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x"), "--tokenizer",
                  "train", "--vocab-size", "300"]) == 2

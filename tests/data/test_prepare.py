@@ -247,7 +247,7 @@ def test_a_foreign_directory_is_refused_and_left_alone(documents, tokenizer_file
     before = tree_state(out)
     with pytest.raises(DatasetError) as excinfo:
         prepare([source], out, tokenizer_file)
-    assert "not empty" in str(excinfo.value) and "\n" not in str(excinfo.value)
+    assert "holds files latentmoe did not write (notes.txt)" in str(excinfo.value) and "\n" not in str(excinfo.value)
     assert tree_state(out) == before
     # overwrite=True writes beside their files and never removes them, now or on the next overwrite.
     prepare([source], out, tokenizer_file, overwrite=True)
@@ -260,7 +260,7 @@ def test_overwrite_refuses_to_replace_a_file_of_theirs_with_our_name(documents, 
     out = tmp_path / "theirs"
     out.mkdir()
     (out / "tokenizer.json").write_text("their tokenizer")
-    with pytest.raises(DatasetError, match="did not write"):
+    with pytest.raises(DatasetError, match="not written by latentmoe"):
         prepare([write_jsonl(documents[:3], tmp_path / "d.jsonl")], out, tokenizer_file, overwrite=True)
     assert (out / "tokenizer.json").read_text() == "their tokenizer"
 
