@@ -211,8 +211,9 @@ def train_on_corpus(
         strategy=strategy, kind=kind, data=info, eval_at_start=init is not None, on_log=on_log,
     )
     if strategy.is_main:
-        _save_tokenizer(out_dir, tokenizer, chat_template=chat_template_of(tokenizer)[0] if chat else None,
-                        kind=kind)
+        if not resuming or not (out_dir / TOKENIZER_FILE).is_file():  # a resumed run keeps the files it started with
+            _save_tokenizer(out_dir, tokenizer, chat_template=chat_template_of(tokenizer)[0] if chat else None,
+                            kind=kind)
         strategy.record_layout(out_dir, config, kind=kind)
         strategy.barrier()
     result = trainer.run(plan=plan)
