@@ -44,6 +44,7 @@ from latentmoe.data.dataset import SAMPLING_MODES, TokenDataset
 from latentmoe.data.prepare import prepare_shipped_corpus
 from latentmoe.data.shards import DatasetError
 from latentmoe.data.sources import DataSourceError
+from latentmoe.data.tokenizer import PAD_TOKEN
 from latentmoe.device import resolve_device
 from latentmoe.hf.tokenizer import HFTokenizer, chat_template_of, load_tokenizer, render_chat_template
 from latentmoe.hf.tokenizer import tokenizer_config_text as hf_tokenizer_config_text
@@ -206,6 +207,11 @@ def train_on_corpus(
         batch_fn, val, info = _chat_source(chat, cfg, sampling)
     else:
         batch_fn, val, info = _token_source(dataset, cfg, sampling)
+    whole = [b for b in val if b.shape[0] % strategy.world_size == 0]  # each rank takes an equal share of rows
+    if len(whole) < len(val):
+        log.warning("validation: %d of %d batches do not split over %d ranks and are left out",
+                    len(val) - len(whole), len(val), strategy.world_size)
+        val = whole
     trainer = Trainer(
         cfg, model=model, batch_fn=batch_fn, val_fn=(lambda: val) if val else None, progress=progress,
         strategy=strategy, kind=kind, data=info, eval_at_start=init is not None, on_log=on_log,
@@ -251,6 +257,8 @@ def _bare(tokenizer, config: ModelConfig) -> HFTokenizer:
         for key, token_id in (("bos_token", config.bos_token_id), ("eos_token", config.eos_token_id))
         if token_id is not None and (text := tokenizer.id_to_token(token_id)) is not None
     }
+    if tokenizer.token_to_id(PAD_TOKEN) is not None:
+        specials["pad_token"] = PAD_TOKEN
     return HFTokenizer(tokenizer, special_tokens=specials)
 
 

@@ -330,9 +330,10 @@ class Trainer:
         saved = (state.get("data") or {}).get("dataset") or {}
         if self.data is not None and saved and saved.get("manifest_sha256") != self.data.manifest_sha256:
             log.warning(
-                "%s was trained on %s (manifest sha256 %s...), this run reads %s (%s...): the batches from step %d "
-                "on are not those of the original run", state.get("step"), saved.get("path"),
-                str(saved.get("manifest_sha256"))[:12], self.data.path, self.data.manifest_sha256[:12], self.step,
+                "the checkpoint of step %d was trained on %s (manifest sha256 %s...), this run reads %s (%s...): "
+                "from here on the batches are not those the original run would have read", self.step,
+                saved.get("path"), str(saved.get("manifest_sha256"))[:12], self.data.path,
+                self.data.manifest_sha256[:12],
             )
         torch.set_rng_state(_decode_rng(state["torch_rng_state"]))
         if is_cuda(self.device) and "cuda_rng_state" in state:
