@@ -339,8 +339,8 @@ def _chat_source(chat: ChatDataset, cfg: TrainConfig, sampling: str):
                     truncated, chat.num_train, cfg.seq_len)
     val = chat.val_batches(batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=cfg.eval_batches)
     if not val:
-        log.warning("%s: no validation conversations (fraction too small for %d conversations): no validation",
-                    chat.path, chat.num_train)
+        log.warning("%s: no conversation fell in the validation split (--sft-val-fraction; a conversation's side "
+                    "depends on its content, so duplicates share one): no validation", chat.path)
     log.info("%s: %d training conversations (%d assistant tokens), %d for validation; one padded row each",
              chat.path, chat.num_train, chat.assistant_tokens(), chat.num_val)
     # one epoch = every training conversation once, as padded rows
