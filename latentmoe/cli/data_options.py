@@ -41,6 +41,21 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
 
 
 def data_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of ``train_on_corpus`` these options set."""
+    """The keyword arguments of ``train_on_corpus`` these options set (and, without a progress bar, a line on
+    stdout per metrics record)."""
     return {"data": args.data, "verify_data": args.verify_data, "sampling": args.sampling,
-            "init_from": args.init_from, "sft": args.sft, "sft_val_fraction": args.sft_val_fraction}
+            "init_from": args.init_from, "sft": args.sft, "sft_val_fraction": args.sft_val_fraction,
+            "on_log": print_record if getattr(args, "no_progress", False) else None}
+
+
+def print_record(record: dict[str, Any]) -> None:
+    """``step 200: loss 4.9123, val loss 5.0211, 409,600 tokens seen, 0.183 epochs``"""
+    parts = []
+    if record.get("loss") is not None:
+        parts.append(f"loss {record['loss']:.4f}")
+    if record.get("val_loss") is not None:
+        parts.append(f"val loss {record['val_loss']:.4f}")
+    parts.append(f"{record.get('tokens_seen', 0):,} tokens seen")
+    if record.get("dataset_epochs") is not None:
+        parts.append(f"{record['dataset_epochs']:.3g} epochs")
+    print(f"step {record['step']}: {', '.join(parts)}", flush=True)

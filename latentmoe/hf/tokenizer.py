@@ -142,6 +142,17 @@ def load_tokenizer(path: str | os.PathLike) -> HFTokenizer | None:
     )
 
 
+def load_run_tokenizer(ckpt: str | os.PathLike) -> HFTokenizer | None:
+    """The tokenizer of one of our checkpoints *with* its ``tokenizer_config.json`` — special tokens and, after
+    chat fine-tuning, the chat template the run rendered with — when one lies beside the ``tokenizer.json`` (in
+    the checkpoint directory or its run directory); None when there is no such config (a bare tokenizer.json)."""
+    ckpt = Path(ckpt)
+    for directory in (ckpt, ckpt.parent):
+        if (directory / TOKENIZER_NAME).is_file():
+            return load_tokenizer(directory) if (directory / TOKENIZER_CONFIG_NAME).is_file() else None
+    return None
+
+
 def save_tokenizer(tokenizer: HFTokenizer | Tokenizer, path: str | os.PathLike, *, config=None) -> list[Path]:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` (special tokens, chat template) into ``path``.
 

@@ -137,6 +137,9 @@ def train_on_corpus(
 ) -> tuple[TrainResult, RunData]:
     """Train (see the module docstring) and return the result and what it trained on.
 
+    ``on_log(record)`` is called with every metrics record, on rank 0 only (the CLI prints a line per record
+    when there is no progress bar).
+
     ``verify_data``: rank 0 checks every shard's SHA-256 against the manifest before training (the others, and
     every rank without it, check sizes only) — off for a dataset too large to read once at start."""
     strategy = strategy or SingleProcess()
@@ -212,6 +215,8 @@ def train_on_corpus(
         log.warning("validation: %d of %d batches do not split over %d ranks and are left out",
                     len(val) - len(whole), len(val), strategy.world_size)
         val = whole
+    if not strategy.is_main:
+        on_log = None  # rank 0 reports
     trainer = Trainer(
         cfg, model=model, batch_fn=batch_fn, val_fn=(lambda: val) if val else None, progress=progress,
         strategy=strategy, kind=kind, data=info, eval_at_start=init is not None, on_log=on_log,

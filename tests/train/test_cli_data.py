@@ -52,8 +52,12 @@ def test_train_on_data_reports_dataset_tokens_and_final_val_loss(trained, datase
     code = main(["train", *TINY, "--steps", "5", "--eval-every", "0", "--data", str(dataset_dir), "--out",
                  str(trained), "--resume"])
     assert code == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     final = read_metrics(trained / "metrics.jsonl")[-1]
+    # without a progress bar every metrics record is a log line with the tokens seen and the epochs
+    assert f"step 5: loss {final['loss']:.4f}, val loss {final['val_loss']:.4f}, 640 tokens seen, " \
+           f"{final['dataset_epochs']:.3g} epochs\n" in out
     data = TokenDataset.open(dataset_dir)
     assert f"trained to step 5 on {dataset_dir} ({5 * 4 * 32:,} tokens trained" in out
     assert f"{5 * 4 * 32 / data.train_tokens:.3g} epochs" in out

@@ -51,3 +51,11 @@ def test_a_few_sft_steps_lower_the_assistant_token_loss(tmp_path, source_run):
     assert saved.chat_template == DEFAULT_CHAT_TEMPLATE  # what the run rendered with, kept for chatting
     assert saved.special_tokens["eos_token"] == "<|eos|>"
     assert result.data.manifest_sha256 == chat.sha256 and run.label == str(chats)
+    # whoever loads the run (generate, a server) or exports it gets that template too
+    from latentmoe import load
+    from latentmoe.hf import convert
+
+    _, loaded = load(tmp_path / "chat")
+    assert loaded.chat_template == DEFAULT_CHAT_TEMPLATE
+    convert(tmp_path / "chat", tmp_path / "hf", to="hf")
+    assert load_tokenizer(tmp_path / "hf").chat_template == DEFAULT_CHAT_TEMPLATE
