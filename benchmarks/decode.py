@@ -277,7 +277,7 @@ def trained_small(args):
     cfg = TrainConfig(out_dir=str(BENCH_RUN), steps=args.train_steps, eval_every=0, eval_batches=2).validate()
     result, data = train_on_corpus(cfg, model_spec="small", progress=False, resume="auto")
     model, _ = load_model(result.checkpoint)
-    return model, data.tokenizer, result.checkpoint
+    return model, data.tokenizer.tokenizer, result.checkpoint
 
 
 def validation_prompts(tokenizer, count: int, length: int) -> list[list[int]]:

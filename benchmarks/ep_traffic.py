@@ -209,7 +209,7 @@ def overlap_case(rank: int, args, data) -> dict:
 def worker(rank: int, port: int, args, results_path: str) -> None:
     os.environ.update({"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
     torch.set_num_threads(1)
-    from latentmoe.data.shipped import prepare_shipped_data as prepare_data
+    from latentmoe.data import prepare_shipped_corpus
     from latentmoe.parallel.runtime import init_distributed
 
     init_distributed(init_method=f"tcp://{LOOPBACK}:{port}", rank=rank, world_size=WORLD,
@@ -217,7 +217,7 @@ def worker(rank: int, port: int, args, results_path: str) -> None:
     vocab = small_config(2, 1).vocab_size
     if rank != 0:
         dist.barrier()  # rank 0 trains and caches the tokenizer first
-    data = prepare_data(vocab).train_ids
+    data = prepare_shipped_corpus(None, vocab).ids("train")
     if rank == 0:
         dist.barrier()
     results: dict = {"train": [], "planner": None, "overlap": None}

@@ -48,8 +48,7 @@ from common import RESULTS_DIR, median_time, write_results  # noqa: E402
 from logfmt_error import logfmt_cases  # noqa: E402
 
 from latentmoe import CausalLM, ModelConfig  # noqa: E402
-from latentmoe.data import random_windows, val_batches  # noqa: E402
-from latentmoe.data.shipped import prepare_shipped_data as prepare_data  # noqa: E402
+from latentmoe.data import prepare_shipped_corpus  # noqa: E402
 from latentmoe.fp8 import (  # noqa: E402
     FP8Linear,
     blockwise_matmul,
@@ -122,10 +121,10 @@ def train_once(precision: str, config: ModelConfig, data, args, *, init_seed: in
     )
 
     def batch_fn(step: int) -> torch.Tensor:
-        return random_windows(data.train_ids, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, step=step)
+        return data.batch(step, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed)
 
     def val_fn():
-        return val_batches(data.val_ids, batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=cfg.eval_batches)
+        return data.val_batches(batch_size=cfg.batch_size, seq_len=cfg.seq_len, max_batches=cfg.eval_batches)
 
     def on_log(record: dict) -> None:
         if record["loss"] is not None:
@@ -538,13 +537,13 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     config = ModelConfig.from_preset(args.preset)
-    data = prepare_data(config.vocab_size)
+    data = prepare_shipped_corpus(None, config.vocab_size)  # cached under $LATENTMOE_CACHE
     bf16 = train_once("bf16", config, data, args)
     fp8 = train_once("fp8", config, data, args)
     noise = None if args.no_noise_floor else train_once("bf16", config, data, args, init_seed=args.seed + 1)
     cases = parity_cases(bf16, fp8, noise, args)
     cases += memory_cases(config, args)
-    probe = val_batches(data.val_ids, batch_size=args.batch_size, seq_len=args.seq_len, max_batches=2)
+    probe = data.val_batches(batch_size=args.batch_size, seq_len=args.seq_len, max_batches=2)
     cases += gemm_error_cases(bf16.model, probe, args)
     accumulation, sweep = accumulation_cases(args)
     cases += accumulation

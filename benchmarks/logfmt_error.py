@@ -103,8 +103,7 @@ def logfmt_cases(model: torch.nn.Module, batches: Iterable[torch.Tensor], *, sou
 
 def main() -> int:
     from latentmoe.checkpoint import load_model, resolve_checkpoint
-    from latentmoe.data import val_batches
-    from latentmoe.data.shipped import prepare_shipped_data as prepare_data
+    from latentmoe.data import prepare_shipped_corpus
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="runs/fp8_parity/bf16", help="checkpoint or run directory")
@@ -112,8 +111,8 @@ def main() -> int:
     args = parser.parse_args()
     path = resolve_checkpoint(args.checkpoint)
     model, _ = load_model(path)
-    data = prepare_data(model.config.vocab_size)
-    batches = val_batches(data.val_ids, batch_size=8, seq_len=128, max_batches=args.batches)
+    data = prepare_shipped_corpus(None, model.config.vocab_size)
+    batches = data.val_batches(batch_size=8, seq_len=128, max_batches=args.batches)
     cases = logfmt_cases(model, batches, source=f"trained model {path}")
     print(f"wrote {write_results('fp8_logfmt', cases)}")
     return 0

@@ -1,6 +1,9 @@
 """What ``make demo`` runs: train the ``small`` preset on the shipped corpus, compare its validation loss with a
 unigram baseline, write the plots, and sample a few continuations. Nothing here parses argv or prints.
 
+The shipped corpus is read as every dataset is: prepared once into token shards (``prepare_shipped_corpus``,
+cached under ``$LATENTMOE_CACHE``) and read by ``train_on_corpus`` like ``latentmoe train --data DIR``.
+
 The demo's run directory is marked as a demo run (``.latentmoe.json``): running the demo again replaces the
 previous demo's files — and only those; a directory holding anything else is refused unless ``overwrite``, which
 keeps the other files.
@@ -63,12 +66,12 @@ def run_demo(
     )
     model, _ = load_model(result.checkpoint, device=device)
     vocab = model.config.vocab_size
-    unigram = unigram_cross_entropy(data.train_ids, data.val_ids, vocab)
+    unigram = unigram_cross_entropy(data.dataset.ids("train"), data.dataset.ids("val"), vocab)
     samples = []
     for i, prompt in enumerate(prompts):
         params = SamplingParams(max_tokens=sample_tokens, temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P,
                                 seed=cfg.seed + i)
-        samples.append((prompt, generate_text(model, data.tokenizer, prompt, params)))
+        samples.append((prompt, generate_text(model, data.tokenizer.tokenizer, prompt, params)))
     return DemoResult(
         train=result,
         unigram_val_loss=unigram,

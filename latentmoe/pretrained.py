@@ -76,8 +76,10 @@ def load(
         check_finite(model, path)
         check_vocabulary(tokenizer, model.config.vocab_size, path / TOKENIZER_FILE)
         return model, tokenizer
+    from latentmoe.hf.tokenizer import load_run_tokenizer
+
     ckpt = resolve_checkpoint(path)
-    tokenizer = find_tokenizer(ckpt)
+    tokenizer = load_run_tokenizer(ckpt) or find_tokenizer(ckpt)  # with its chat template when the run has one
     model, _ = load_model(ckpt, device=target, dtype=dtype)
     check_finite(model, ckpt)
     check_vocabulary(tokenizer, model.config.vocab_size, ckpt)

@@ -49,7 +49,8 @@ from latentmoe.checkpoint.tensors import (
     local_slice,
     merged_expert_tensors,
     model_tensors,
-    read_safetensors,
+    read_model_tensors,
+    shard_files,
     unflatten_optimizer_state,
     write_safetensors,
 )
@@ -243,14 +244,25 @@ def load_checkpoint(
     return state
 
 
+def load_weights(
+    path: str | os.PathLike, model: nn.Module, *, ep_rank: int = 0, check_hashes: bool = True
+) -> Path:
+    """The model weights of a checkpoint (or a run directory's newest) into ``model``, in place; nothing else is
+    read (no optimizer state). Each routed-expert tensor is read only for the rows ``model`` holds (EP rank
+    ``ep_rank``'s slice). Sizes (and sha256 unless ``check_hashes`` is False) are checked first. Returns the
+    checkpoint directory; CheckpointError names a missing, corrupt or ill-fitting file."""
+    ckpt = resolve_checkpoint(path)
+    verify_checkpoint(ckpt, hashes=check_hashes)
+    _load_model_weights(ckpt, model, ep_rank=ep_rank)
+    return ckpt
+
+
 def _load_model_weights(ckpt: Path, model: nn.Module, *, ep_rank: int) -> None:
+    """The weights into ``model``; each routed-expert tensor only the rows this rank holds is read."""
     model_path = ckpt / MODEL_FILE
-    tensors = read_safetensors(model_path)
-    tensors.update(merged_expert_tensors(ckpt, "model"))
     own = model.state_dict()
-    for name, t in list(tensors.items()):
-        if is_expert_parameter(name) and name in own:
-            tensors[name] = local_slice(t, own[name].shape[0], ep_rank)
+    own_rows = {name: t.shape[0] for name, t in own.items() if is_expert_parameter(name)}
+    tensors = read_model_tensors(model_path, shard_files(ckpt, "model"), own_rows, ep_rank=ep_rank)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
@@ -327,6 +339,7 @@ __all__ = [
     "load_checkpoint",
     "load_config",
     "load_model",
+    "load_weights",
     "prune_checkpoints",
     "save_checkpoint",
     "set_aside",

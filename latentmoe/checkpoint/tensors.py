@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -186,3 +186,64 @@ def local_slice(full: torch.Tensor, local_rows: int, ep_rank: int) -> torch.Tens
     if local_rows < 1 or full.shape[0] % local_rows:
         raise CheckpointError(f"{full.shape[0]} experts do not split into slices of {local_rows}")
     return full[ep_rank * local_rows : (ep_rank + 1) * local_rows]
+
+
+def local_rows(full_rows: int, local: int, ep_rank: int) -> tuple[int, int]:
+    """``[start, stop)``: the rows of a full ``[E, ...]`` expert tensor that EP rank ``ep_rank`` holds when it
+    holds ``local`` of them (all of them when ``local == full_rows``) — the slice :func:`local_slice` cuts."""
+    if local == full_rows:
+        return 0, full_rows
+    if local < 1 or full_rows % local or (ep_rank + 1) * local > full_rows:
+        raise CheckpointError(f"{full_rows} experts do not split into slices of {local} (EP rank {ep_rank})")
+    return ep_rank * local, (ep_rank + 1) * local
+
+
+def read_model_tensors(
+    model_file: Path, shards: list[Path], own_rows: dict[str, int], *, ep_rank: int
+) -> dict[str, torch.Tensor]:
+    """A checkpoint's model tensors for a model holding ``own_rows[name]`` rows of each routed-expert tensor:
+    every other tensor whole, each expert tensor only this EP rank's rows, read row range by row range
+    (safetensors slices) from ``model_file`` (stacked ``[E, ...]`` tensors) and from the expert ``shards``
+    (``model-experts-R-of-P``, in rank order, each ``[E/P, ...]``) — a rank never reads another rank's experts.
+    CheckpointError names an unreadable file."""
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(model_file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                if is_expert_parameter(key) and key in own_rows:
+                    part = f.get_slice(key)
+                    start, stop = local_rows(part.get_shape()[0], own_rows[key], ep_rank)
+                    tensors[key] = part[start:stop]
+                else:
+                    tensors[key] = f.get_tensor(key)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{model_file}: unreadable safetensors ({one_line(exc)})") from None
+    if shards:
+        tensors.update(_read_shard_rows(shards, own_rows, ep_rank=ep_rank))
+    return tensors
+
+
+def _read_shard_rows(shards: list[Path], own_rows: dict[str, int], *, ep_rank: int) -> dict[str, torch.Tensor]:
+    """This rank's rows of every expert tensor split over ``shards`` (concatenated in rank order)."""
+    firsts: dict[tuple[str, int], int] = {}  # (key, shard) -> the first row of that shard's part
+    totals: dict[str, int] = {}
+    pieces: dict[str, list[torch.Tensor]] = {}
+    path = shards[0]
+    try:
+        for i, path in enumerate(shards):  # headers only: where each shard's rows sit in the full tensors
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    firsts[key, i] = totals.get(key, 0)
+                    totals[key] = totals.get(key, 0) + f.get_slice(key).get_shape()[0]
+        for i, path in enumerate(shards):
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118
+                    part = f.get_slice(key)
+                    first, rows = firsts[key, i], part.get_shape()[0]
+                    start, stop = local_rows(totals[key], own_rows.get(key, totals[key]), ep_rank)
+                    a, b = max(start, first), min(stop, first + rows)
+                    if a < b:
+                        pieces.setdefault(key, []).append(part[a - first : b - first])
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: unreadable safetensors ({one_line(exc)})") from None
+    return {key: torch.cat(ts) for key, ts in pieces.items()}

@@ -2,6 +2,7 @@
 
     train       latentmoe.cli.train       prepare-data  latentmoe.cli.prepare_data
     generate    latentmoe.cli.generate    serve       latentmoe.cli.serve
+    eval        latentmoe.cli.eval
     convert     latentmoe.cli.convert     demo        latentmoe.cli.demo
     plan        latentmoe.cli.plan        ep-report   latentmoe.cli.ep_report
 
@@ -26,7 +27,7 @@ from latentmoe.cli.common import (
     setup_messages,
 )
 
-SUBCOMMANDS = ("train", "prepare_data", "generate", "serve", "convert", "demo", "ep_report", "plan")
+SUBCOMMANDS = ("train", "prepare_data", "generate", "serve", "eval", "convert", "demo", "ep_report", "plan")
 
 
 def build_parser() -> OneLineErrorParser:

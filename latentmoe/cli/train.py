@@ -1,4 +1,5 @@
-"""``latentmoe train``: train a preset (or a config.json) on the shipped corpus, resumably, on one or many processes."""
+"""``latentmoe train``: train a preset (or a config.json, or a checkpoint with ``--init-from``) on a prepared dataset,
+chat data or the shipped corpus, resumably, on one or many processes."""
 
 from __future__ import annotations
 
@@ -97,13 +98,15 @@ def train_config_from_args(args: argparse.Namespace, *, preset: str | None) -> T
 
 
 def add_parser(sub) -> None:
+    from latentmoe.cli.data_options import add_data_options
     from latentmoe.cli.ep_report import add_parallel_options
 
     p = sub.add_parser(
         "train",
-        help="train a model on the shipped corpus",
+        help="train a model on your data (or the shipped corpus)",
         description=(
-            "Train a preset (or a config.json) on the shipped Shakespeare corpus; writes metrics.jsonl, loss.png, "
+            "Train a preset, a config.json or a checkpoint (--init-from) on a prepared dataset (--data), chat "
+            "conversations (--sft) or the shipped Shakespeare corpus; writes metrics.jsonl, loss.png, "
             "expert_load.png and checkpoint-STEP/ under --out (a checkpoint every --save-every steps; SIGINT or "
             "SIGTERM saves one and exits with 130 / 143)."
         ),
@@ -127,11 +130,13 @@ def add_parser(sub) -> None:
     )
     add_overwrite_option(p, "--out")
     add_train_options(p)
+    add_data_options(p)
     add_parallel_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from latentmoe.cli.data_options import data_kwargs
     from latentmoe.cli.ep_report import parallel_config_from_args
     from latentmoe.parallel.runtime import shutdown
     from latentmoe.parallel.strategy import start_strategy
@@ -142,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     strategy = start_strategy(parallel, device=args.device)
     try:
         with strategy.errors():
-            result, _ = train_on_corpus(
+            result, data = train_on_corpus(
                 cfg,
                 model_spec=args.preset,
                 resume=args.resume,
@@ -150,23 +155,28 @@ def run(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
                 strategy=strategy,
                 device=args.device,
+                **data_kwargs(args),
             )
         if not strategy.is_main:  # under torchrun only rank 0 reports
             return 0
     finally:
         shutdown()
-    print_summary(result)
+    print_summary(result, data)
     return 0
 
 
-def print_summary(result) -> None:
+def print_summary(result, data=None) -> None:
     at = (
         f" (logged at step {result.final_loss_step})" if result.final_loss_step not in (None, result.final_step) else ""
     )
+    label = data.label if data is not None else "the shipped corpus"
+    epochs = f", {result.data.epochs(result.tokens_seen):.3g} epochs" if result.data is not None else ""
     print(
-        f"trained to step {result.final_step} on the shipped corpus ({result.tokens_seen:,} tokens in this run's "
-        f"history): loss {fmt(result.final_loss)}{at}, val loss {fmt(result.final_val_loss)}"
+        f"trained to step {result.final_step} on {label} ({result.tokens_seen:,} tokens trained in this run's "
+        f"history{epochs}): loss {fmt(result.final_loss)}{at}, final val loss {fmt(result.final_val_loss)}"
     )
+    if result.initial_val_loss is not None:
+        print(f"val loss before the first step (the checkpoint's): {fmt(result.initial_val_loss)}")
     if result.skipped_steps:
         print(f"skipped {result.skipped_steps} steps with a non-finite loss")
     print(f"checkpoint: {result.checkpoint}")

@@ -1,20 +1,16 @@
 """Data: sources of text, tokenizers, token shards on disk, and the batches the trainer reads.
 
-Two paths lead from text to batches. The in-memory path (the shipped corpus, small texts)::
-
-    splits = load_corpus()                                   # corpus.py: train / val text
-    tokenizer = load_or_train_tokenizer(4096, cache_dir)     # tokenizer.py: byte-level BPE
-    tokens = encode_splits(tokenizer, splits, cache_dir)     # batching.py: [N] int64 streams
-    batch_BT = random_windows(tokens.train, batch_size=8, seq_len=256, seed=0, step=k)
-
-and the prepared-dataset path (any size; docs/data.md)::
+Training reads prepared datasets (any size; docs/data.md)::
 
     prepare_data(["corpus/"], "data/mine", tokenizer="train", vocab_size=16384)   # prepare.py
     data = TokenDataset.open("data/mine")                                         # dataset.py
     batch_BT = data.batch(k, batch_size=8, seq_len=256, seed=0)
 
-The shipped corpus is one dataset prepared that way (:func:`prepare_shipped_corpus`), with the same
-token streams as the in-memory path. Names are imported on first use, so the tokenising workers of
+The shipped corpus is one dataset prepared that way (:func:`prepare_shipped_corpus`, cached under
+:func:`default_cache_dir`). The in-memory functions are its reference: ``load_corpus`` (corpus.py),
+``load_or_train_tokenizer`` (tokenizer.py), ``encode_splits`` / ``random_windows`` / ``val_batches``
+(batching.py) give the same streams and windows. Chat conversations for fine-tuning are chat.py's
+(:class:`ChatDataset`). Names are imported on first use, so the tokenising workers of
 :func:`prepare_data` (numpy + tokenizers) never import torch.
 """
 
@@ -23,16 +19,25 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from latentmoe.data.batching import (
+        TokenBatch,
         TokenSplits,
         encode_documents,
         encode_splits,
         random_windows,
+        split_batch,
         unigram_cross_entropy,
         val_batches,
     )
+    from latentmoe.data.chat import ChatDataset
     from latentmoe.data.corpus import CorpusSplits, load_corpus, split_documents, split_point
     from latentmoe.data.dataset import SAMPLING_MODES, TokenDataset
-    from latentmoe.data.prepare import PrepareProgress, PrepareResult, prepare_data, prepare_shipped_corpus
+    from latentmoe.data.prepare import (
+        PrepareProgress,
+        PrepareResult,
+        default_cache_dir,
+        prepare_data,
+        prepare_shipped_corpus,
+    )
     from latentmoe.data.shards import DatasetError
     from latentmoe.data.sources import DataSourceError, Document, SourceFile, find_sources, read_documents
     from latentmoe.data.tokenizer import (
@@ -51,12 +56,16 @@ if TYPE_CHECKING:
 # name -> the submodule that defines it
 _EXPORTS = {
     **dict.fromkeys(
-        ("TokenSplits", "encode_documents", "encode_splits", "random_windows", "unigram_cross_entropy", "val_batches"),
+        ("TokenBatch", "TokenSplits", "encode_documents", "encode_splits", "random_windows", "split_batch",
+         "unigram_cross_entropy", "val_batches"),
         "batching",
     ),
     **dict.fromkeys(("CorpusSplits", "load_corpus", "split_documents", "split_point"), "corpus"),
     **dict.fromkeys(("SAMPLING_MODES", "TokenDataset"), "dataset"),
-    **dict.fromkeys(("PrepareProgress", "PrepareResult", "prepare_data", "prepare_shipped_corpus"), "prepare"),
+    "ChatDataset": "chat",
+    **dict.fromkeys(
+        ("PrepareProgress", "PrepareResult", "default_cache_dir", "prepare_data", "prepare_shipped_corpus"), "prepare"
+    ),
     "DatasetError": "shards",
     **dict.fromkeys(("DataSourceError", "Document", "SourceFile", "find_sources", "read_documents"), "sources"),
     **dict.fromkeys(
@@ -79,6 +88,7 @@ _EXPORTS = {
 __all__ = [
     "BOS_ID",
     "BOS_TOKEN",
+    "ChatDataset",
     "CorpusSplits",
     "DataSourceError",
     "DatasetError",
@@ -92,8 +102,10 @@ __all__ = [
     "SAMPLING_MODES",
     "SPECIAL_TOKENS",
     "SourceFile",
+    "TokenBatch",
     "TokenDataset",
     "TokenSplits",
+    "default_cache_dir",
     "encode_documents",
     "encode_splits",
     "find_sources",
@@ -103,6 +115,7 @@ __all__ = [
     "prepare_shipped_corpus",
     "random_windows",
     "read_documents",
+    "split_batch",
     "split_documents",
     "split_point",
     "tokenizer_digest",

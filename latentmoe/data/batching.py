@@ -7,9 +7,9 @@ the special tokens, into one 1-D int64 tensor per split::
 
     [BOS] hamlet tokens ... [EOS] [BOS] lear tokens ... [EOS] ...
 
-so the model sees where a document starts and learns to end one with EOS. Encoding the 5 MB
-corpus takes seconds, so the result is cached in ``cache_dir`` as safetensors, keyed by the
-tokenizer's digest and the corpus digest (written to a temporary file, then ``os.replace``).
+so the model sees where a document starts and learns to end one with EOS. This is the in-memory
+reference of what prepare-data writes to token shards (``latentmoe.data.prepare``): training reads
+prepared datasets, the shipped corpus included (``prepare_shipped_corpus``).
 
 Batches
 -------
@@ -37,18 +37,14 @@ context must go below it.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from latentmoe.data.corpus import CorpusSplits
-from latentmoe.data.tokenizer import BOS_ID, EOS_ID, tokenizer_digest
+from latentmoe.data.tokenizer import BOS_ID, EOS_ID
 from latentmoe.device import HOST
 
 # Mixes (seed, step) into one generator seed; a prime, so nearby (seed, step) pairs don't collide
@@ -69,6 +65,46 @@ class TokenSplits:
     val: torch.Tensor
 
 
+@dataclass(frozen=True)
+class TokenBatch:
+    """A batch whose loss counts only some tokens (chat fine-tuning: the assistant's).
+
+    ids:       ``[B, S]`` int64 token ids.
+    loss_mask: ``[B, S]`` bool, True where the token is a target that counts (see
+               :func:`latentmoe.model.mtp.next_token_loss`); None: every token counts.
+
+    It slices by rows and moves like a tensor (``batch[a:b]``, ``.to(device)``, ``.shape``), so whatever
+    splits a global batch over ranks splits its mask with it.
+    """
+
+    ids: torch.Tensor
+    loss_mask: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss_mask is not None and self.loss_mask.shape != self.ids.shape:
+            raise ValueError(f"loss_mask has shape {tuple(self.loss_mask.shape)}, ids {tuple(self.ids.shape)}")
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.ids.shape
+
+    def numel(self) -> int:
+        return self.ids.numel()
+
+    def __getitem__(self, rows: slice) -> TokenBatch:
+        return TokenBatch(self.ids[rows], None if self.loss_mask is None else self.loss_mask[rows])
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(self.ids.to(device), None if self.loss_mask is None else self.loss_mask.to(device))
+
+
+def split_batch(batch: torch.Tensor | TokenBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(ids_BS, loss_mask_BS or None)`` of a plain ``[B, S]`` tensor or a :class:`TokenBatch`."""
+    if isinstance(batch, TokenBatch):
+        return batch.ids, batch.loss_mask
+    return batch, None
+
+
 def encode_documents(tokenizer: Tokenizer, texts: Sequence[str]) -> torch.Tensor:
     """``[N]`` int64: each text encoded alone, framed as ``BOS ids EOS``, concatenated in order.
 
@@ -82,36 +118,12 @@ def encode_documents(tokenizer: Tokenizer, texts: Sequence[str]) -> torch.Tensor
     return torch.cat(pieces)
 
 
-def token_cache_path(cache_dir: Path, tokenizer: Tokenizer, splits: CorpusSplits) -> Path:
-    """Where :func:`encode_splits` caches the tokens of ``splits`` under ``tokenizer``."""
-    return Path(cache_dir) / f"tokens-t{tokenizer_digest(tokenizer)[:12]}-c{splits.digest[:12]}.safetensors"
-
-
-def encode_splits(tokenizer: Tokenizer, splits: CorpusSplits, cache_dir: Path | None) -> TokenSplits:
-    """Encode both splits (see the module docstring), cached in ``cache_dir`` unless it is None."""
-    path = None if cache_dir is None else token_cache_path(cache_dir, tokenizer, splits)
-    if path is not None and path.exists():
-        tensors = load_file(str(path))
-        return TokenSplits(train=tensors["train"], val=tensors["val"])
-    tokens = TokenSplits(
+def encode_splits(tokenizer: Tokenizer, splits: CorpusSplits) -> TokenSplits:
+    """Both splits encoded in memory (see the module docstring): the reference for a prepared dataset's streams."""
+    return TokenSplits(
         train=encode_documents(tokenizer, splits.train_parts),
         val=encode_documents(tokenizer, splits.val_parts),
     )
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(
-                {"train": tokens.train, "val": tokens.val},
-                tmp_name,
-                metadata={"tokenizer_digest": tokenizer_digest(tokenizer), "corpus_digest": splits.digest},
-            )
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-    return tokens
 
 
 def _check_stream(ids_N: torch.Tensor, seq_len: int) -> None:

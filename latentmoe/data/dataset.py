@@ -278,22 +278,23 @@ class TokenDataset:
 
         return batch_fn
 
-    def val_batches(self, *, batch_size: int, seq_len: int, max_batches: int) -> list[torch.Tensor]:
+    def val_batches(self, *, batch_size: int, seq_len: int, max_batches: int, split: str = "val") -> list[torch.Tensor]:
         """Deterministic validation batches: :func:`latentmoe.data.batching.val_batches` over the
-        validation stream (``W = min(S, batch_size * max_batches)`` evenly spread non-overlapping slots)."""
-        n = self.val_tokens
+        validation stream (``W = min(S, batch_size * max_batches)`` evenly spread non-overlapping slots);
+        ``split="train"`` takes them from the training stream instead (``latentmoe eval --split train``)."""
+        n = self.num_tokens(split)
         if n < seq_len:
             raise DatasetError(
-                f"{self.path}: the validation split has {n} tokens, fewer than seq_len={seq_len} "
-                f"(val_fraction={self.manifest['split']['val_fraction']}); prepare with a larger val_fraction "
-                "or more documents"
+                f"{self.path}: the {'validation' if split == 'val' else split} split has {n} tokens, fewer than "
+                f"seq_len={seq_len} (val_fraction={self.manifest['split']['val_fraction']}); prepare with a "
+                "larger val_fraction or more documents"
             )
         if batch_size < 1 or max_batches < 1:
             raise ValueError(f"batch_size and max_batches must be >= 1, got {batch_size}, {max_batches}")
         n_slots = n // seq_len
         n_windows = min(n_slots, batch_size * max_batches)
         slots_W = torch.arange(n_windows) * n_slots // n_windows
-        return list(self.windows(slots_W * seq_len, seq_len=seq_len, split="val").split(batch_size))
+        return list(self.windows(slots_W * seq_len, seq_len=seq_len, split=split).split(batch_size))
 
     def describe(self) -> dict[str, Any]:
         """A small summary for logs and metrics (path, manifest hash, token counts, tokenizer)."""

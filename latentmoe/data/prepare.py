@@ -864,15 +864,25 @@ def _pending_tasks(out: Path, manifest: dict[str, Any], resolved: ResolvedTokeni
 
 
 # ------------------------------------------------------------------------------------------------ shipped corpus
+CACHE_ENV = "LATENTMOE_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """Where the shipped corpus's tokenizers and prepared datasets are cached: ``$LATENTMOE_CACHE`` or
+    ``~/.cache/latentmoe``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "latentmoe")
+
+
 def shipped_corpus_dir(cache_dir: Path, vocab_size: int, tokenizer: Tokenizer, corpus_digest: str) -> Path:
     """Where :func:`prepare_shipped_corpus` keeps the prepared corpus (keyed by tokenizer and corpus)."""
     return Path(cache_dir) / f"corpus-v{vocab_size}-t{tokenizer_digest(tokenizer)[:12]}-c{corpus_digest[:12]}"
 
 
 def prepare_shipped_corpus(
-    cache_dir: str | os.PathLike, vocab_size: int, *, progress: ProgressFn | None = None
+    cache_dir: str | os.PathLike | None, vocab_size: int, *, progress: ProgressFn | None = None
 ) -> TokenDataset:
-    """The shipped Shakespeare corpus as a prepared dataset, made once and cached under ``cache_dir``.
+    """The shipped Shakespeare corpus as a prepared dataset, made once and cached under ``cache_dir``
+    (None: :func:`default_cache_dir`).
 
     The tokenizer is :func:`~latentmoe.data.tokenizer.load_or_train_tokenizer`'s (trained on the
     corpus's training split, cached), the split the corpus's own (``split="tail"``, the last 5 % of
@@ -886,7 +896,7 @@ def prepare_shipped_corpus(
     from latentmoe.data.dataset import TokenDataset
     from latentmoe.data.tokenizer import load_or_train_tokenizer
 
-    cache_dir = Path(cache_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     splits = load_corpus()
     tokenizer = load_or_train_tokenizer(vocab_size, cache_dir, splits=splits)
     out = shipped_corpus_dir(cache_dir, vocab_size, tokenizer, splits.digest)

@@ -23,11 +23,13 @@ or split gets a fresh tokenizer and an unchanged one is never retrained.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from latentmoe.data.corpus import CorpusSplits, load_corpus
@@ -118,3 +120,47 @@ def load_or_train_tokenizer(vocab_size: int, cache_dir: Path, *, splits: CorpusS
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- bytes per token
+PRINTABLE_BYTE_RANGES = ((ord("!"), ord("~")), (ord("\u00a1"), ord("\u00ac")), (ord("\u00ae"), ord("\u00ff")))
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """The stand-in character of every byte in a byte-level BPE (GPT-2's table), as ``{char: byte}``.
+
+    Bytes that are printable Latin-1 characters stand for themselves; the other 68 (controls, space, ...) are
+    mapped in byte order onto the characters from U+0100 on."""
+    printable = [b for low, high in PRINTABLE_BYTE_RANGES for b in range(low, high + 1)]
+    table = {chr(b): b for b in printable}
+    shifted = (b for b in range(BYTE_ALPHABET_SIZE) if b not in table.values())
+    for n, b in enumerate(shifted):
+        table[chr(BYTE_ALPHABET_SIZE + n)] = b
+    return table
+
+
+def _is_byte_level(tokenizer: Tokenizer) -> bool:
+    decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
+    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    return any(part.get("type") == "ByteLevel" for part in parts)
+
+
+def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
+    """``[vocab_size]`` int64: how many bytes of UTF-8 text each token id stands for — what bits per byte divide
+    by. Special tokens (BOS, EOS, pad, ...) and ids the tokenizer lacks stand for none.
+
+    Exact for byte-level BPE tokenizers (ours, GPT-2's, DeepSeek's): each stand-in character is one byte. For
+    other tokenizers each token is decoded on its own, which can miss a space a decoder adds between tokens."""
+    lengths = np.zeros(vocab_size, dtype=np.int64)
+    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    alphabet = byte_level_alphabet() if _is_byte_level(tokenizer) else None
+    for token, token_id in tokenizer.get_vocab(with_added_tokens=True).items():
+        if token_id >= vocab_size or token in specials:
+            continue
+        if alphabet is not None and all(ch in alphabet for ch in token):
+            lengths[token_id] = len(token)
+        elif alphabet is not None:  # an added (non-special) token is stored as its text
+            lengths[token_id] = len(token.encode("utf-8"))
+        else:
+            lengths[token_id] = len(tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8"))
+    return lengths

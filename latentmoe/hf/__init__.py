@@ -15,12 +15,27 @@ from latentmoe.hf.convert import ConvertResult, checkpoint_kind, convert
 from latentmoe.hf.errors import HFCheckpointError
 from latentmoe.hf.files import is_hf_checkpoint
 from latentmoe.hf.fp8 import dequantize_blocks
-from latentmoe.hf.load import CheckpointInfo, HFStateDict, inspect_checkpoint, load_pretrained, load_state_dict
+from latentmoe.hf.load import (
+    CheckpointInfo,
+    HFStateDict,
+    inspect_checkpoint,
+    load_pretrained,
+    load_pretrained_into,
+    load_state_dict,
+)
 from latentmoe.hf.names import NameTable, TensorMap, build_name_table
 from latentmoe.hf.save import SaveResult, save_pretrained
-from latentmoe.hf.tokenizer import HFTokenizer, load_tokenizer, render_chat_template, save_tokenizer
+from latentmoe.hf.tokenizer import (
+    DEFAULT_CHAT_TEMPLATE,
+    HFTokenizer,
+    chat_template_of,
+    load_tokenizer,
+    render_chat_template,
+    save_tokenizer,
+)
 
 __all__ = [
+    "DEFAULT_CHAT_TEMPLATE",
     "CheckpointInfo",
     "ConvertResult",
     "FP8Quantization",
@@ -32,6 +47,7 @@ __all__ = [
     "SaveResult",
     "TensorMap",
     "build_name_table",
+    "chat_template_of",
     "checkpoint_kind",
     "config_from_hf",
     "config_to_hf",
@@ -40,6 +56,7 @@ __all__ = [
     "inspect_checkpoint",
     "is_hf_checkpoint",
     "load_pretrained",
+    "load_pretrained_into",
     "load_state_dict",
     "load_tokenizer",
     "render_chat_template",

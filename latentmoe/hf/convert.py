@@ -25,7 +25,7 @@ from latentmoe.hf.files import is_hf_checkpoint
 from latentmoe.hf.load import inspect_checkpoint, load_pretrained
 from latentmoe.hf.save import DEFAULT_MAX_SHARD_SIZE, save_pretrained
 from latentmoe.hf.save import HF_EXPORT_KIND as HF_EXPORT
-from latentmoe.hf.tokenizer import TOKENIZER_NAME, load_tokenizer, save_tokenizer
+from latentmoe.hf.tokenizer import TOKENIZER_NAME, load_run_tokenizer, load_tokenizer, save_tokenizer
 from latentmoe.io import DestinationError, check_destination, claim, publish_directory, read_ownership, temp_dir
 
 HF, LATENTMOE = "hf", "latentmoe"
@@ -108,7 +108,7 @@ def convert(
         ckpt = resolve_checkpoint(src)
         model, _ = load_model(ckpt, device=device)
         dtype = dtype or model.lm_head.weight.dtype
-        tokenizer = find_tokenizer(ckpt, required=False)
+        tokenizer = load_run_tokenizer(ckpt) or find_tokenizer(ckpt, required=False)  # keeps a chat template
     if to == HF:
         written = save_pretrained(model, dst, tokenizer=tokenizer, max_shard_size=max_shard_size, dtype=dtype,
                                   overwrite=overwrite).path

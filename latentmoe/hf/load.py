@@ -285,6 +285,46 @@ def load_pretrained(
     return model.eval()
 
 
+def load_pretrained_into(model: CausalLM, path: str | os.PathLike, *, ep_rank: int = 0) -> CheckpointInfo:
+    """Read a Hugging Face checkpoint into an allocated ``model`` (e.g. :func:`~latentmoe.model.transformer.
+    materialize` d on its device), in place, and return what was found.
+
+    ``model.config`` must be the checkpoint's, except that it may have *more* MTP modules than the files hold
+    (``CheckpointInfo.mtp_layers`` of them are loaded; the caller initialises the rest). Its routed experts may
+    be an expert-parallel rank's contiguous slice (``[E/P, ...]`` per tensor, EP rank ``ep_rank``): only those
+    experts' tensors are read. FP8 blocks are dequantised to the model's dtype. Raises
+    :class:`HFCheckpointError` naming file and tensor.
+    """
+    info = inspect_checkpoint(path)
+    plan = plan_load(info)
+    mine = model.config.to_dict() | {"num_nextn_predict_layers": info.mtp_layers}
+    if mine != info.config.to_dict() or model.config.num_nextn_predict_layers < info.mtp_layers:
+        raise HFCheckpointError(f"{info.path}: the model to load into is not the checkpoint's ({CONFIG_NAME} differs)")
+    state = model.state_dict()
+    first: dict[str, int] = {}  # stacked expert tensor -> first expert this rank holds
+    for source in plan.sources.values():
+        if source.expert is not None and source.map.ours not in first:
+            held = state[source.map.ours].shape[0]
+            total = len(source.map.hf)
+            if held != total and (held < 1 or total % held or (ep_rank + 1) * held > total):
+                raise HFCheckpointError(f"{info.path}: {total} experts do not split into slices of {held}")
+            first[source.map.ours] = ep_rank * held if held != total else 0
+    keys = [
+        key for key, source in plan.sources.items()
+        if source.expert is None
+        or 0 <= source.expert - first[source.map.ours] < state[source.map.ours].shape[0]
+    ]
+
+    def place(key: str, tensor: torch.Tensor) -> None:
+        source = plan.sources[key]
+        dest = state[source.map.ours]
+        (dest if source.expert is None else dest[source.expert - first[source.map.ours]]).copy_(tensor)
+
+    read_into(info, plan, keys, place)
+    _verify_copies(info, plan, state)
+    return info
+
+
 def load_state_dict(
     path: str | os.PathLike,
     *,

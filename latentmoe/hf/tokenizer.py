@@ -4,6 +4,19 @@ special tokens and chat template of ``tokenizer_config.json`` (rendered with jin
 :class:`HFTokenizer` encodes *without* adding special tokens — whoever builds the prompt adds BOS (our
 ``generate_text`` does, from the model config) and chat templates spell their specials out themselves.
 Chat templates come from the Hub and are untrusted code: they run in jinja2's immutable sandbox.
+
+**The default chat template.** A checkpoint without a template (our own runs, most base models) is rendered
+with :data:`DEFAULT_CHAT_TEMPLATE` — the one place it is defined; chat fine-tuning (``latentmoe train --sft``)
+and the server both take it through :func:`chat_template_of`. Every turn is its role in ``<|...|>``, a newline,
+the content and the EOS token; the generation prompt is ``<|assistant|>`` and a newline::
+
+    <|bos|><|system|>
+    You are terse.<|eos|><|user|>
+    Hi<|eos|><|assistant|>
+    Hello.<|eos|>
+
+The role markers are plain text (no new vocabulary); BOS and EOS are the tokenizer's own special tokens, so
+a model trained on this stops generating at EOS.
 """
 
 from __future__ import annotations
@@ -24,6 +37,13 @@ TOKENIZER_NAME = "tokenizer.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"  # transformers 5 writes the template here instead
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
 
 
 @dataclass
@@ -57,6 +77,14 @@ class HFTokenizer:
             add_generation_prompt=add_generation_prompt,
             **{**self.special_tokens, **kwargs},
         )
+
+
+def chat_template_of(tokenizer: HFTokenizer | None) -> tuple[str, bool]:
+    """``(template, is_default)``: the tokenizer's chat template, or :data:`DEFAULT_CHAT_TEMPLATE` when it has
+    none (or there is no tokenizer config at all)."""
+    if tokenizer is not None and tokenizer.chat_template is not None:
+        return tokenizer.chat_template, False
+    return DEFAULT_CHAT_TEMPLATE, True
 
 
 def render_chat_template(
@@ -114,6 +142,17 @@ def load_tokenizer(path: str | os.PathLike) -> HFTokenizer | None:
     )
 
 
+def load_run_tokenizer(ckpt: str | os.PathLike) -> HFTokenizer | None:
+    """The tokenizer of one of our checkpoints *with* its ``tokenizer_config.json`` — special tokens and, after
+    chat fine-tuning, the chat template the run rendered with — when one lies beside the ``tokenizer.json`` (in
+    the checkpoint directory or its run directory); None when there is no such config (a bare tokenizer.json)."""
+    ckpt = Path(ckpt)
+    for directory in (ckpt, ckpt.parent):
+        if (directory / TOKENIZER_NAME).is_file():
+            return load_tokenizer(directory) if (directory / TOKENIZER_CONFIG_NAME).is_file() else None
+    return None
+
+
 def save_tokenizer(tokenizer: HFTokenizer | Tokenizer, path: str | os.PathLike, *, config=None) -> list[Path]:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` (special tokens, chat template) into ``path``.
 
@@ -131,6 +170,12 @@ def save_tokenizer(tokenizer: HFTokenizer | Tokenizer, path: str | os.PathLike, 
             specials["pad_token"] = "<|pad|>"
         tokenizer = HFTokenizer(tokenizer, special_tokens=specials)
     tokenizer.tokenizer.save(str(path / TOKENIZER_NAME))
+    (path / TOKENIZER_CONFIG_NAME).write_text(tokenizer_config_text(tokenizer))
+    return [path / TOKENIZER_NAME, path / TOKENIZER_CONFIG_NAME]
+
+
+def tokenizer_config_text(tokenizer: HFTokenizer) -> str:
+    """The ``tokenizer_config.json`` we write for ``tokenizer``: its special tokens and chat template."""
     out: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **tokenizer.special_tokens}
     out["add_bos_token"] = False
     out["add_eos_token"] = False
@@ -139,8 +184,7 @@ def save_tokenizer(tokenizer: HFTokenizer | Tokenizer, path: str | os.PathLike, 
         out["model_max_length"] = tokenizer.model_max_length
     if tokenizer.chat_template is not None:
         out["chat_template"] = tokenizer.chat_template
-    (path / TOKENIZER_CONFIG_NAME).write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
-    return [path / TOKENIZER_NAME, path / TOKENIZER_CONFIG_NAME]
+    return json.dumps(out, indent=2, ensure_ascii=False) + "\n"
 
 
 def _token_text(value: Any) -> str | None:

@@ -12,6 +12,10 @@ after its last RMSNorm (what its head reads); h^k for k ≥ 1 is module k's bloc
 
 Losses: L_main = CE(logits_i, t_{i+1}); L_MTP^k = CE(mtp_logits^k_i, t_{i+k+1}) over the positions that
 have such a target; L = L_main + λ/D · Σ_k L_MTP^k (λ = 0.3 in the TR's first 10T tokens).
+
+A loss mask (chat fine-tuning: only the assistant's tokens count) marks *target tokens*: every head scores a
+position only when the token it predicts is marked, so the main head at i counts iff ``mask[i + 1]`` and MTP
+depth k at i iff ``mask[i + k + 1]`` — each head learns exactly the marked tokens (docs/mtp.md).
 """
 
 from __future__ import annotations
@@ -69,8 +73,18 @@ class LMLoss:
 IGNORE_INDEX = -100  # F.cross_entropy's marker for positions without a target
 
 
-def next_token_loss(logits_BSV: torch.Tensor, input_ids_BS: torch.Tensor, ahead: int = 1) -> torch.Tensor:
+def next_token_loss(
+    logits_BSV: torch.Tensor,
+    input_ids_BS: torch.Tensor,
+    ahead: int = 1,
+    *,
+    loss_mask_BS: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean CE of ``logits[:, i]`` against ``t[:, i + ahead]`` over the positions that have that target.
+
+    ``loss_mask_BS`` (bool ``[B, S]``, optional) marks the tokens that count as targets: position ``i`` is
+    scored only when ``loss_mask[:, i + ahead]`` is set, and the mean is over those positions (0 when there is
+    none, so a batch without a marked token adds nothing rather than NaN).
 
     The last ``ahead`` positions get IGNORE_INDEX instead of being sliced off: slicing the logits
     would cost a full-size zero-filled gradient in backward.
@@ -79,15 +93,31 @@ def next_token_loss(logits_BSV: torch.Tensor, input_ids_BS: torch.Tensor, ahead:
     if S <= ahead:
         raise ValueError(f"a sequence of {S} tokens has no target {ahead} positions ahead")
     targets_BS = F.pad(input_ids_BS[:, ahead:], (0, ahead), value=IGNORE_INDEX)
-    return F.cross_entropy(
-        logits_BSV.float().flatten(0, 1), targets_BS.flatten(), ignore_index=IGNORE_INDEX
+    if loss_mask_BS is None:
+        return F.cross_entropy(
+            logits_BSV.float().flatten(0, 1), targets_BS.flatten(), ignore_index=IGNORE_INDEX
+        )
+    if loss_mask_BS.shape != input_ids_BS.shape:
+        raise ValueError(f"loss_mask_BS has shape {tuple(loss_mask_BS.shape)}, expected {tuple(input_ids_BS.shape)}")
+    counted_BS = F.pad(loss_mask_BS[:, ahead:].bool(), (0, ahead), value=False)
+    targets_BS = targets_BS.masked_fill(~counted_BS, IGNORE_INDEX)
+    summed = F.cross_entropy(
+        logits_BSV.float().flatten(0, 1), targets_BS.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+    return summed / counted_BS.sum().clamp(min=1)
 
 
-def causal_lm_loss(out, input_ids_BS: torch.Tensor, *, mtp_lambda: float = 0.3) -> LMLoss:
-    """Main next-token loss plus the λ/D-weighted MTP losses (depth k predicts k+1 tokens ahead)."""
-    main = next_token_loss(out.logits, input_ids_BS, ahead=1)
-    mtp = [next_token_loss(logits, input_ids_BS, ahead=k + 1) for k, logits in enumerate(out.mtp_logits, 1)]
+def causal_lm_loss(
+    out, input_ids_BS: torch.Tensor, *, mtp_lambda: float = 0.3, loss_mask_BS: torch.Tensor | None = None
+) -> LMLoss:
+    """Main next-token loss plus the λ/D-weighted MTP losses (depth k predicts k+1 tokens ahead).
+
+    ``loss_mask_BS`` (optional bool ``[B, S]``): only marked target tokens count, in every head alike."""
+    main = next_token_loss(out.logits, input_ids_BS, ahead=1, loss_mask_BS=loss_mask_BS)
+    mtp = [
+        next_token_loss(logits, input_ids_BS, ahead=k + 1, loss_mask_BS=loss_mask_BS)
+        for k, logits in enumerate(out.mtp_logits, 1)
+    ]
     total = main
     if mtp:
         total = main + mtp_lambda / len(mtp) * torch.stack(mtp).sum()

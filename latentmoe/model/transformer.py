@@ -302,15 +302,28 @@ def empty_model(
     Built on the meta device (no memory, no initialisation), then allocated once, straight on the target device:
     a checkpoint is read into it without a full copy on the host first. Tied weights stay tied and the computed
     (non-persistent) RoPE tables are rebuilt on the device."""
-    from latentmoe.device import HOST, resolve_device
+    return materialize(meta_model(config, dtype=dtype), device=device)
 
-    device = resolve_device(device) if device is not None else HOST
+
+def meta_model(config: ModelConfig, *, dtype: torch.dtype = torch.float32) -> CausalLM:
+    """A :class:`CausalLM` on the meta device (shapes only) in ``dtype``, router biases fp32.
+
+    What may be reshaped before any memory is spent (an expert-parallel run cuts each MoE layer to its own
+    experts here); :func:`materialize` then allocates what is left, once, on the target device."""
     with torch.device("meta"):
         model = CausalLM(config)
     model.to(dtype)
     for module in model.modules():
         if isinstance(module, Router) and module.e_score_correction_bias is not None:
             module.e_score_correction_bias = module.e_score_correction_bias.float()  # selection state stays fp32
+    return model
+
+
+def materialize(model: CausalLM, *, device: torch.device | str | None = None) -> CausalLM:
+    """Allocate a :func:`meta_model` (uninitialised) on ``device`` (default the host), in place; returns it."""
+    from latentmoe.device import HOST, resolve_device
+
+    device = resolve_device(device) if device is not None else HOST
     shared: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         shared.setdefault(id(p), []).append(name)
@@ -320,8 +333,8 @@ def empty_model(
             owner, _, attr = name.rpartition(".")
             setattr(model.get_submodule(owner), attr, model.get_parameter(first))
     with device:
-        model.rotary = RotaryEmbedding(config)  # computed (non-persistent) tables: rebuild rather than load
+        model.rotary = RotaryEmbedding(model.config)  # computed (non-persistent) tables: rebuild rather than load
     for name, module in model.named_modules():
         if module._non_persistent_buffers_set and module is not model.rotary:
-            raise RuntimeError(f"empty_model cannot rebuild the computed buffers of {name}; update it")
+            raise RuntimeError(f"materialize cannot rebuild the computed buffers of {name}; update it")
     return model

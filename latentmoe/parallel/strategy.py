@@ -147,6 +147,10 @@ class ExpertParallelStrategy:
         r = self.topology.rank
         return ids_BS[r * b : (r + 1) * b]
 
+    def batch_rows(self) -> tuple[int, int]:
+        """Every rank takes its own share of the global batch's rows (the split :meth:`shard_batch` makes)."""
+        return self.topology.rank, self.world_size
+
     def begin_step(self, model: nn.Module) -> None:
         reset_traffic(model)
 
@@ -158,10 +162,11 @@ class ExpertParallelStrategy:
     # ------------------------------------------------------------------ reductions
     def forward_backward(
         self, model: nn.Module, ids_bS: torch.Tensor, loss_fn: LossFn, *, forward_context: ForwardContext,
-        stop: bool,
+        stop: bool, loss_mask_bS: torch.Tensor | None = None,
     ) -> StepStats:
         """The whole model on this rank's rows (experts across the EP group): losses and load all-reduced."""
-        return forward_backward_whole(self, model, ids_bS, loss_fn, forward_context=forward_context, stop=stop)
+        return forward_backward_whole(self, model, ids_bS, loss_fn, forward_context=forward_context, stop=stop,
+                                      loss_mask_bS=loss_mask_bS)
 
     def reduce_losses(
         self, total: torch.Tensor, main: torch.Tensor, mtp: Sequence[torch.Tensor], balance: torch.Tensor | None,

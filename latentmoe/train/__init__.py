@@ -22,6 +22,8 @@ from latentmoe.train.strategy import (
     forward_backward_whole,
 )
 from latentmoe.train.trainer import (
+    DataInfo,
+    RankBatches,
     Trainer,
     TrainingError,
     TrainingInterrupted,
@@ -32,11 +34,13 @@ from latentmoe.train.trainer import (
 
 __all__ = [
     "DEMO_KIND",
+    "DataInfo",
     "ForwardContext",
     "LossFn",
     "LossStats",
     "MetricsWriter",
     "NullMetrics",
+    "RankBatches",
     "RunDirectoryError",
     "RunPlan",
     "SingleProcess",

@@ -47,8 +47,9 @@ log = logging.getLogger("latentmoe")
 DEMO_KIND = "demo"
 RESUME_MODES = ("no", "required", "auto")
 # Files a run writes at its top level besides checkpoints (train.metrics, the tokenizer the caller saves, the EP
-# layout): a directory from latentmoe 0.1.0 held exactly these.
-RUN_FILES = ("metrics.jsonl", "loss.png", "expert_load.png", "tokenizer.json", "ep_layout.json", "ep_traffic.png")
+# layout): a directory from latentmoe 0.1.0 held the first six.
+RUN_FILES = ("metrics.jsonl", "loss.png", "expert_load.png", "tokenizer.json", "ep_layout.json", "ep_traffic.png",
+             "tokenizer_config.json")
 STATE_KEYS = ("seed", "torch_rng_state")
 
 

@@ -7,6 +7,8 @@ process and W processes differ is a method here::
                                     pipeline stages, ...) in place, or return the part of it this rank holds
     make_optimizer(model, ...)      the optimizer of this rank's parameters (ZeRO shards its state)
     shard_batch(ids_BS)             this rank's rows of the global batch
+    batch_rows()                    (index, count): which share of the global batch's rows is this rank's, for a
+                                    batch source that reads only its own rows (trainer.RankBatches)
     begin_step / end_step           per-step bookkeeping (communication counters)
     forward_backward(model, ids, loss_fn, ...)
                                     forward, loss, backward of this rank's rows -> StepStats: the global mean
@@ -68,7 +70,7 @@ class StepLoss:
 
 
 # (model output with .logits / .mtp_logits / .balance_loss, ids_bS) -> StepLoss: the trainer's loss definition.
-LossFn = Callable[[Any, torch.Tensor], StepLoss]
+LossFn = Callable[[Any, torch.Tensor, "torch.Tensor | None"], StepLoss]  # (out, ids_bS, loss_mask_bS)
 ForwardContext = Callable[[], contextlib.AbstractContextManager]  # entered around every forward (autocast)
 
 
@@ -95,13 +97,15 @@ class Strategy(Protocol):
 
     def shard_batch(self, ids_BS: torch.Tensor) -> torch.Tensor: ...
 
+    def batch_rows(self) -> tuple[int, int]: ...
+
     def begin_step(self, model: nn.Module) -> None: ...
 
     def end_step(self, model: nn.Module) -> None: ...
 
     def forward_backward(
         self, model: nn.Module, ids_bS: torch.Tensor, loss_fn: LossFn, *, forward_context: ForwardContext,
-        stop: bool,
+        stop: bool, loss_mask_bS: torch.Tensor | None = None,
     ) -> StepStats: ...
 
     def reduce_and_clip(self, model: nn.Module, max_norm: float) -> torch.Tensor: ...
@@ -147,6 +151,9 @@ class SingleProcess:
     def shard_batch(self, ids_BS: torch.Tensor) -> torch.Tensor:
         return ids_BS
 
+    def batch_rows(self) -> tuple[int, int]:
+        return 0, 1
+
     def begin_step(self, model: nn.Module) -> None:
         pass
 
@@ -155,9 +162,10 @@ class SingleProcess:
 
     def forward_backward(
         self, model: nn.Module, ids_bS: torch.Tensor, loss_fn: LossFn, *, forward_context: ForwardContext,
-        stop: bool,
+        stop: bool, loss_mask_bS: torch.Tensor | None = None,
     ) -> StepStats:
-        return forward_backward_whole(self, model, ids_bS, loss_fn, forward_context=forward_context, stop=stop)
+        return forward_backward_whole(self, model, ids_bS, loss_fn, forward_context=forward_context, stop=stop,
+                                      loss_mask_bS=loss_mask_bS)
 
     def reduce_losses(
         self, total: torch.Tensor, main: torch.Tensor, mtp: Sequence[torch.Tensor], balance: torch.Tensor | None,
@@ -224,13 +232,13 @@ class _LossReducer(Protocol):
 
 def forward_backward_whole(
     strategy: _LossReducer, model: nn.Module, ids_bS: torch.Tensor, loss_fn: LossFn, *,
-    forward_context: ForwardContext, stop: bool,
+    forward_context: ForwardContext, stop: bool, loss_mask_bS: torch.Tensor | None = None,
 ) -> StepStats:
     """One forward of the whole model over this rank's rows, the loss, and its backward — skipped when the global
     loss is not finite (the step is then dropped by the trainer). ``strategy`` reduces the losses and the load."""
     with forward_context():
         out = model(ids_bS)
-        loss = loss_fn(out, ids_bS)
+        loss = loss_fn(out, ids_bS, loss_mask_bS)
     # Global means; the stop flag rides along, so every rank takes the same branch.
     stats, stop = strategy.reduce_losses(loss.total, loss.main, loss.mtp, loss.balance, stop=stop)
     load = strategy.sum(out.expert_load)

@@ -67,6 +67,7 @@ from torch import nn
 
 from latentmoe.checkpoint import RUN_KIND, checkpoint_step, latest_checkpoint, load_config
 from latentmoe.config import ModelConfig
+from latentmoe.data.batching import TokenBatch, split_batch
 from latentmoe.device import is_cuda
 from latentmoe.model.mtp import causal_lm_loss
 from latentmoe.train.config import TrainConfig
@@ -90,10 +91,46 @@ EXPERT_LOAD_PLOT = "expert_load.png"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SIGNAL_EXIT_BASE = 128  # shells report death by signal N as 128 + N
 
-BatchFn = Callable[[int], torch.Tensor]
-ValFn = Callable[[], "float | Iterable[torch.Tensor]"]
+BatchFn = Callable[[int], "torch.Tensor | TokenBatch"]
+ValFn = Callable[[], "float | Iterable[torch.Tensor | TokenBatch]"]
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainingError", "TrainingInterrupted", "evaluate", "train"]
+__all__ = ["DataInfo", "RankBatches", "TrainConfig", "TrainResult", "Trainer", "TrainingError", "TrainingInterrupted",
+           "evaluate", "train"]
+
+
+@dataclass(frozen=True)
+class RankBatches:
+    """A batch source that reads only this rank's rows of every global batch (what a prepared dataset does).
+
+    ``rows(step, rank=r, world_size=W)`` returns rows ``[r·B/W, (r+1)·B/W)`` of step's global ``[B, S]`` batch
+    (a tensor or a :class:`~latentmoe.data.batching.TokenBatch`), a pure function of the step like any
+    ``batch_fn``. The trainer takes ``(r, W)`` from ``strategy.batch_rows()`` and does not call ``shard_batch``:
+    no rank builds the rows it would throw away. A plain ``batch_fn`` returns the global batch instead.
+    """
+
+    rows: Callable[..., torch.Tensor | TokenBatch]
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a run trains on, for its metrics, checkpoints and summary.
+
+    path: the prepared dataset (or SFT file); manifest_sha256: SHA-256 of its manifest (of the SFT file, for
+    chat data) — which exact data this is; train_tokens: tokens in one pass over the training stream.
+    """
+
+    path: str
+    manifest_sha256: str
+    train_tokens: int
+    sampling: str = "random"
+
+    def epochs(self, tokens_seen: int) -> float:
+        """Passes over the training stream that ``tokens_seen`` tokens amount to."""
+        return tokens_seen / self.train_tokens if self.train_tokens else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "manifest_sha256": self.manifest_sha256, "train_tokens": self.train_tokens,
+                "sampling": self.sampling}
 
 
 class TrainingError(RuntimeError):
@@ -134,6 +171,8 @@ class TrainResult:
     resumed_from: Path | None = None
     final_loss_step: int | None = None
     tokens_seen: int = 0
+    initial_val_loss: float | None = None
+    data: DataInfo | None = None
 
 
 @dataclass
@@ -194,11 +233,14 @@ def moe_layer_labels(model: nn.Module) -> list[str]:
 class Trainer:
     """Owns the model, optimizer and counters of one run; :meth:`run` trains to ``cfg.steps``.
 
-    ``batch_fn(step)`` must return the ``[batch, seq]`` LongTensor for that step (the *global* batch) and depend
-    only on the step (and a seed fixed for the run) — that is what makes resume exact. ``val_fn()`` returns
-    either the validation loss itself or an iterable of ``[batch, seq]`` validation batches. ``strategy`` lays the
-    run over processes (default: one). The model must already be on its device; batches follow it.
-    ``kind`` is what the run directory's marker says ("run"; the demo uses "demo").
+    ``batch_fn(step)`` must return the ``[batch, seq]`` LongTensor for that step (the *global* batch; or a
+    :class:`~latentmoe.data.batching.TokenBatch` whose loss mask says which targets count; or be a
+    :class:`RankBatches` that returns this rank's rows only) and depend only on the step (and a seed fixed for
+    the run) — that is what makes resume exact. ``val_fn()`` returns either the validation loss itself or an
+    iterable of validation batches. ``strategy`` lays the run over processes (default: one). The model must
+    already be on its device; batches follow it. ``kind`` is what the run directory's marker says ("run"; the
+    demo uses "demo"). ``data`` describes the training data for the metrics (epochs, manifest hash) and the
+    checkpoints; ``eval_at_start`` validates once before the first step of a fresh run (logged as step 0).
     """
 
     def __init__(
@@ -213,6 +255,8 @@ class Trainer:
         handle_signals: bool = True,
         strategy: Strategy | None = None,
         kind: str = RUN_KIND,
+        data: DataInfo | None = None,
+        eval_at_start: bool = False,
     ) -> None:
         self.cfg = cfg.validate().check_model(model.config)
         self.strategy: Strategy = strategy or SingleProcess()
@@ -225,6 +269,9 @@ class Trainer:
         self.on_log = on_log
         self.handle_signals = handle_signals
         self.kind = kind
+        self.data = data
+        self.eval_at_start = eval_at_start
+        self.initial_val_loss: float | None = None
         self.out_dir = Path(cfg.out_dir)
         self.device = next(model.parameters()).device
         if cfg.precision == "fp8":
@@ -253,7 +300,8 @@ class Trainer:
         """JSON trainer state stored in ``trainer_state.json`` (the step is added by the checkpoint)."""
         state = {
             "seed": self.cfg.seed,
-            "data": {"seed": self.cfg.seed, "next_step": self.step},
+            "data": {"seed": self.cfg.seed, "next_step": self.step,
+                     **({"dataset": self.data.to_dict()} if self.data is not None else {})},
             "skipped_steps": self.skipped_steps,
             "consecutive_nonfinite": self.consecutive_nonfinite,
             "tokens_seen": self.tokens_seen,
@@ -261,6 +309,7 @@ class Trainer:
             "last_loss": self.last_loss,
             "last_loss_step": self.last_loss_step,
             "last_val_loss": self.last_val_loss,
+            "initial_val_loss": self.initial_val_loss,
             "last_expert_load": (
                 None if self.last_expert_load is None else self.last_expert_load.double().round(decimals=4).tolist()
             ),
@@ -282,6 +331,15 @@ class Trainer:
         self.last_val_loss = state.get("last_val_loss")
         load = state.get("last_expert_load")
         self.last_expert_load = None if load is None else torch.tensor(load, dtype=torch.float32)
+        self.initial_val_loss = state.get("initial_val_loss")
+        saved = (state.get("data") or {}).get("dataset") or {}
+        if self.data is not None and saved and saved.get("manifest_sha256") != self.data.manifest_sha256:
+            log.warning(
+                "the checkpoint of step %d was trained on %s (manifest sha256 %s...), this run reads %s (%s...): "
+                "from here on the batches are not those the original run would have read", self.step,
+                saved.get("path"), str(saved.get("manifest_sha256"))[:12], self.data.path,
+                self.data.manifest_sha256[:12],
+            )
         torch.set_rng_state(_decode_rng(state["torch_rng_state"]))
         if is_cuda(self.device) and "cuda_rng_state" in state:
             torch.cuda.set_rng_state(_decode_rng(state["cuda_rng_state"]), self.device)
@@ -305,17 +363,15 @@ class Trainer:
         lr = lr_at(step, max_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup, total_steps=cfg.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        ids = self.batch_fn(step).to(self.device)
-        tokens = ids.numel()  # the global batch, whatever the world size
+        ids, loss_mask, tokens = self.batch(step)
         self.strategy.begin_step(self.model)
-        ids = self.strategy.shard_batch(ids)  # this rank's rows
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         # Forward, loss and backward (a pipeline schedule interleaves them over micro-batches); the losses are global
         # means and the stop flag rides along, so every rank takes the same branch below.
         step_stats = self.strategy.forward_backward(
             self.model, ids, self.loss, forward_context=lambda: autocast(self.device, cfg.precision),
-            stop=self._stop_signal is not None,
+            stop=self._stop_signal is not None, loss_mask_bS=loss_mask,
         )
         stats, self._stop_agreed = step_stats.losses, step_stats.stop
         if not stats.finite:
@@ -349,14 +405,29 @@ class Trainer:
             "tokens": tokens,
         }
 
-    def loss(self, out: Any, ids_bS: torch.Tensor) -> StepLoss:
-        """The training loss of one forward: main + λ/D·Σ_k mtp_k + α·balance (TR §2.1.2, §2.2)."""
+    def loss(self, out: Any, ids_bS: torch.Tensor, loss_mask_bS: torch.Tensor | None = None) -> StepLoss:
+        """The training loss of one forward: main + λ/D·Σ_k mtp_k + α·balance (TR §2.1.2, §2.2); with a mask
+        (SFT), only the targets it marks count."""
         cfg = self.cfg
-        losses = causal_lm_loss(out, ids_bS, mtp_lambda=cfg.mtp_lambda)
+        losses = causal_lm_loss(out, ids_bS, mtp_lambda=cfg.mtp_lambda, loss_mask_BS=loss_mask_bS)
         total = losses.total
         if cfg.balance_alpha and out.balance_loss is not None:
             total = total + cfg.balance_alpha * out.balance_loss
         return StepLoss(total, losses.main, losses.mtp, out.balance_loss)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """This rank's ids ``[b, S]`` and loss mask (None: every target counts) of ``step``, on the model's
+        device, and the number of tokens in the *global* batch (whatever the world size)."""
+        if isinstance(self.batch_fn, RankBatches):
+            rank, count = self.strategy.batch_rows()
+            batch = self.batch_fn.rows(step, rank=rank, world_size=count)
+            tokens = batch.numel() * count
+        else:
+            batch = self.batch_fn(step)
+            tokens = batch.numel()
+            batch = self.strategy.shard_batch(batch)  # this rank's rows
+        ids, loss_mask = split_batch(batch.to(self.device))
+        return ids, loss_mask, tokens
 
     def validation_loss(self) -> float | None:
         if self.val_fn is None:
@@ -426,6 +497,8 @@ class Trainer:
             resumed_from=resumed_from,
             final_loss_step=self.last_loss_step,
             tokens_seen=self.tokens_seen,
+            initial_val_loss=self.initial_val_loss,
+            data=self.data,
         )
 
     def _loop(self, metrics: MetricsWriter | NullMetrics) -> Path | None:
@@ -443,6 +516,8 @@ class Trainer:
             dynamic_ncols=True,
             desc="train",
         )
+        if self.eval_at_start and self.step == 0 and self.val_fn is not None:
+            self._initial_validation(metrics)
         try:
             while self.step < cfg.steps:
                 step = self.step
@@ -489,6 +564,8 @@ class Trainer:
                         postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
                     if self.last_val_loss is not None:
                         postfix["val"] = f"{self.last_val_loss:.3f}"
+                    if self.data is not None:
+                        postfix["epochs"] = f"{self.data.epochs(self.tokens_seen):.3g}"
                     bar.set_postfix(postfix, refresh=False)
                     window = _Window()
                 if cfg.save_every and done % cfg.save_every == 0 and not is_last:
@@ -538,8 +615,23 @@ class Trainer:
         }
         if val_loss is not None:
             record["val_loss"] = val_loss
+        record.update(self._data_fields())
         record.update(self.strategy.window_metrics(window.steps))  # e.g. a2a_* traffic (collective)
         return record
+
+    def _data_fields(self) -> dict[str, Any]:
+        if self.data is None:
+            return {}
+        return {"dataset_epochs": self.data.epochs(self.tokens_seen),
+                "dataset_manifest_sha256": self.data.manifest_sha256}
+
+    def _initial_validation(self, metrics: MetricsWriter | NullMetrics) -> None:
+        """Validation before any update (the starting point of a fine-tune), logged as step 0."""
+        val_loss = self.validation_loss()
+        self.initial_val_loss = _finite(val_loss)
+        record = metrics.write({"step": 0, "val_loss": val_loss, "tokens_seen": 0, **self._data_fields()})
+        if self.on_log is not None:
+            self.on_log(record)
 
     @contextlib.contextmanager
     def _signals_deferred(self) -> Iterator[None]:

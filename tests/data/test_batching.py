@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 
-import latentmoe.data.batching as batching_module
 from latentmoe.data import (
     BOS_ID,
     EOS_ID,
@@ -12,11 +11,10 @@ from latentmoe.data import (
     unigram_cross_entropy,
     val_batches,
 )
-from latentmoe.data.batching import token_cache_path
 
 
 def test_encode_splits_frames_each_document_with_bos_and_eos(small_tokenizer, small_splits):
-    tokens = encode_splits(small_tokenizer, small_splits, None)
+    tokens = encode_splits(small_tokenizer, small_splits)
     for stream_N, parts in ((tokens.train, small_splits.train_parts), (tokens.val, small_splits.val_parts)):
         assert stream_N.dtype == torch.int64 and stream_N.dim() == 1
         bos_positions = (stream_N == BOS_ID).nonzero().flatten().tolist()
@@ -25,20 +23,6 @@ def test_encode_splits_frames_each_document_with_bos_and_eos(small_tokenizer, sm
         assert len(bos_positions) == len(eos_positions) == len(parts)
         for start, end, text in zip(bos_positions, eos_positions, parts, strict=True):
             assert small_tokenizer.decode(stream_N[start + 1 : end].tolist()) == text
-
-
-def test_encoded_tokens_are_cached_and_reused(small_tokenizer, small_splits, tmp_path, monkeypatch):
-    first = encode_splits(small_tokenizer, small_splits, tmp_path)
-    path = token_cache_path(tmp_path, small_tokenizer, small_splits)
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]
-
-    def no_encoding(*args, **kwargs):
-        raise AssertionError("re-encoded although the cache holds these tokens")
-
-    monkeypatch.setattr(batching_module, "encode_documents", no_encoding)
-    second = encode_splits(small_tokenizer, small_splits, tmp_path)
-    assert torch.equal(first.train, second.train) and torch.equal(first.val, second.val)
-    assert second.train.dtype == torch.int64
 
 
 def test_random_windows_depend_only_on_seed_and_step():
@@ -102,17 +86,14 @@ def test_unigram_cross_entropy_matches_a_hand_computed_value():
         unigram_cross_entropy(train, torch.tensor([3]), 3)
 
 
-def test_token_cache_is_keyed_by_the_tokenizer(small_tokenizer, small_splits, tmp_path):
-    """Two tokenizers, one cache directory: each gets its own tokens (what it encodes without a cache),
-    never the other's cached stream."""
-    from latentmoe.data.tokenizer import train_tokenizer
+def test_the_shipped_corpus_cache_is_keyed_by_the_tokenizer(small_tokenizer, small_splits, tmp_path):
+    """Two tokenizers of the same vocabulary size, one cache directory: each gets its own prepared corpus (the
+    name carries the tokenizer's digest), never the other's."""
+    from latentmoe.data.prepare import shipped_corpus_dir
+    from latentmoe.data.tokenizer import tokenizer_digest, train_tokenizer
 
-    other = train_tokenizer(small_splits.train_parts, 300)
-    first = encode_splits(small_tokenizer, small_splits, tmp_path)
-    second = encode_splits(other, small_splits, tmp_path)
-    uncached = encode_splits(other, small_splits, None)
-    assert not torch.equal(first.train[: len(uncached.train)], uncached.train[: len(first.train)])
-    assert torch.equal(second.train, uncached.train) and torch.equal(second.val, uncached.val)
-    assert len(list(tmp_path.iterdir())) == 2
-    again = encode_splits(small_tokenizer, small_splits, tmp_path)
-    assert torch.equal(again.train, first.train)
+    other = train_tokenizer(small_splits.train_parts[:1], 512)
+    assert tokenizer_digest(other) != tokenizer_digest(small_tokenizer)
+    first = shipped_corpus_dir(tmp_path, 512, small_tokenizer, small_splits.digest)
+    second = shipped_corpus_dir(tmp_path, 512, other, small_splits.digest)
+    assert first != second and first.parent == second.parent == tmp_path

@@ -98,6 +98,12 @@ def test_val_batches_equal_the_reference_over_the_validation_stream(data):
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
+def test_eval_batches_of_the_training_split_equal_the_reference_over_the_training_stream(data):
+    got = data.val_batches(batch_size=5, seq_len=SEQ, max_batches=3, split="train")
+    expected = val_batches(data.ids("train"), batch_size=5, seq_len=SEQ, max_batches=3)
+    assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
 def test_document_starts_point_at_bos_and_eos_closes_each_document(data):
     for split in ("train", "val"):
         ids = data.ids(split)

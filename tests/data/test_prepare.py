@@ -165,7 +165,7 @@ def test_a_tokenizer_without_the_bos_token_is_refused(documents, small_tokenizer
 def test_shipped_corpus_is_a_prepared_dataset_with_the_encode_splits_streams(tmp_path):
     vocab = 512
     data = prepare_shipped_corpus(tmp_path, vocab)
-    reference = encode_splits(load_or_train_tokenizer(vocab, tmp_path), load_corpus(), None)
+    reference = encode_splits(load_or_train_tokenizer(vocab, tmp_path), load_corpus())
     assert torch.equal(data.ids("train"), reference.train)
     assert torch.equal(data.ids("val"), reference.val)
     again = prepare_shipped_corpus(tmp_path, vocab)  # cached: opened, not prepared again

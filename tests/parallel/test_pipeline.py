@@ -57,7 +57,7 @@ def train_cfg(out: Path, **kw) -> TrainConfig:
     return TrainConfig(**(base | kw))
 
 
-def loss_fn(out, ids_bS: torch.Tensor) -> StepLoss:
+def loss_fn(out, ids_bS: torch.Tensor, loss_mask_bS: torch.Tensor | None = None) -> StepLoss:
     losses = causal_lm_loss(out, ids_bS, mtp_lambda=LAMBDA)
     return StepLoss(losses.total + ALPHA * out.balance_loss, losses.main, losses.mtp, out.balance_loss)
 

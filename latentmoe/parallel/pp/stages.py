@@ -229,7 +229,7 @@ class StageChunk(nn.Module):
         for name, load_E in zip(mtp_rows, loads, strict=True):
             owner.record_load(name, load_E)
         out = CausalLMOutput(logits, mtp_logits, None, balance, hidden_bSD)
-        loss = owner.loss_fn(out, ids_bS)
+        loss = owner.loss_fn(out, ids_bS, None)  # loss masks (SFT) are refused under --pp: strategy.py
         balance_part = loss.balance if loss.balance is not None else torch.zeros(())
         owner.step_losses.append([t.detach().float().reshape(()) for t in (loss.total, loss.main, *loss.mtp)]
                                  + [balance_part.detach().float().reshape(())])

@@ -175,6 +175,11 @@ class PipelineStrategy:
         i = self.topology.stage_rank
         return ids_BS[i * b : (i + 1) * b]
 
+    def batch_rows(self) -> tuple[int, int]:
+        """This rank's pipeline reads its share of the global batch (the split :meth:`shard_batch` makes): every
+        stage of one pipeline reads the same rows."""
+        return self.topology.stage_rank, self.topology.stage_size
+
     def begin_step(self, model: nn.Module) -> None:
         reset_traffic(model)
 
@@ -217,8 +222,10 @@ class PipelineStrategy:
         return built
 
     def forward_backward(self, model: StageModel, ids_bS: torch.Tensor, loss_fn, *, forward_context,
-                         stop: bool) -> StepStats:
+                         stop: bool, loss_mask_bS: torch.Tensor | None = None) -> StepStats:
         """Run the schedule over this pipeline's rows; reduce the losses and the load over the world."""
+        if loss_mask_bS is not None:
+            raise ConfigError("a loss mask (--sft) is not supported with --pp yet; fine-tune without --pp")
         built = self._schedule(model, ids_bS, train=True)
         self._n_microbatches = built.n_microbatches
         model.reset_step()
@@ -401,6 +408,6 @@ def _loss_of_output(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return output
 
 
-def _main_loss(out, ids_bS: torch.Tensor) -> StepLoss:
+def _main_loss(out, ids_bS: torch.Tensor, loss_mask_bS: torch.Tensor | None = None) -> StepLoss:
     main = next_token_loss(out.logits, ids_bS)
     return StepLoss(main, main, [], None)
