@@ -167,11 +167,17 @@ LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 LLAMA_CPP_REASON = ("llama-cpp-python is not installed (optional: build it from source, see docs/hf.md); "
                     "the GGUF file is still checked against gguf's reader above")
 LOGITS_TOLERANCE = 1e-4
+GGML_TYPE_F32 = 0  # ggml_type of float32 (llama.cpp type_k / type_v)
+
+
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 1.0}
 
 
 @pytest.mark.skipif(not LLAMA_CPP, reason=LLAMA_CPP_REASON)
-@pytest.mark.parametrize("variant", [{}, {"q_lora_rank": 0}, {"scoring_func": "softmax", "topk_method": "greedy",
-                                                              "norm_topk_prob": False, "routed_scaling_factor": 1.0}])
+@pytest.mark.parametrize("variant", [{}, {"q_lora_rank": 0}, {"rope_scaling": YARN},
+                                     {"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False,
+                                      "routed_scaling_factor": 1.0}], ids=["v3", "no_q_lora", "yarn", "softmax"])
 def test_llama_cpp_logits_on_our_gguf_equal_ours(tmp_path, variant):
     from llama_cpp import Llama
 
@@ -182,7 +188,9 @@ def test_llama_cpp_logits_on_our_gguf_equal_ours(tmp_path, variant):
     out = tmp_path / "m.gguf"
     assert main(["convert", str(tmp_path / "run"), str(out), "--to", "gguf", "--dtype", "f32"]) == 0
     ids = [model.config.bos_token_id, *tokenizer.encode("To be, or not to be, that is the question").ids]
-    llm = Llama(model_path=str(out), n_ctx=64, n_batch=64, n_threads=1, logits_all=True, verbose=False)
+    # f32 KV cache (llama.cpp defaults to f16 there): the comparison is of the same function in fp32
+    llm = Llama(model_path=str(out), n_ctx=64, n_batch=64, n_threads=1, logits_all=True, verbose=False,
+                type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
     llm.eval(ids)
     theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
     with torch.no_grad():
