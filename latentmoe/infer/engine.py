@@ -137,6 +137,9 @@ class Engine:
         device: where the engine computes and keeps its cache ("auto", "cpu", "cuda[:N]" or a torch.device);
             default the model's device. A model elsewhere is moved there (in place, as ``Module.to``).
         runner_cls: the model runner; a subclass replacing ``decode`` (a compiled step) plugs in here.
+        compile: run decode and verification through the compiled static-shape step
+            (compiled_runner.py; falls back to the eager runner, saying why, where compiling is unavailable).
+            Ignored when ``runner_cls`` is given.
         clock: time source for statistics.
     """
 
@@ -154,7 +157,8 @@ class Engine:
         attention: str = "auto",
         mtp_cache: bool = True,
         device: str | torch.device | None = None,
-        runner_cls: type[ModelRunner] = ModelRunner,
+        runner_cls: type[ModelRunner] | None = None,
+        compile: bool = False,
         clock: Callable[[], float] = time.perf_counter,
     ):
         if max_batch < 1:
@@ -202,7 +206,13 @@ class Engine:
             device=self.device,
         )
         self.scheduler = Scheduler(self.cache, max_batch=max_batch)
-        self.runner = runner_cls(self.model, self.cache, device=self.device, attention=attention)
+        if runner_cls is None and compile:
+            from latentmoe.infer.compiled_runner import CompiledRunner
+
+            self.runner: ModelRunner = CompiledRunner(self.model, self.cache, device=self.device, attention=attention,
+                                                      max_batch=max_batch)
+        else:
+            self.runner = (runner_cls or ModelRunner)(self.model, self.cache, device=self.device, attention=attention)
         self.output = OutputProcessor(tokenizer, clock)
         self.stats = EngineStats()
         self._ids = itertools.count()

@@ -312,8 +312,8 @@ def dense_experts(
     of experts (a decode batch of 16 with top-4 of 16). Returns ``[T, D]`` in x's dtype."""
     T, D = x_TD.shape
     E, I, _ = gate_EID.shape
-    combine_TE = torch.zeros(T, E, dtype=torch.float32, device=x_TD.device).scatter_(
-        1, topk_idx_TK, topk_weight_TK.float())
+    combine_TE = torch.zeros(T, E, dtype=topk_weight_TK.dtype, device=x_TD.device).scatter_(
+        1, topk_idx_TK, topk_weight_TK)
     gate_TEI = (x_TD @ gate_EID.reshape(E * I, D).t()).view(T, E, I)
     up_TEI = (x_TD @ up_EID.reshape(E * I, D).t()).view(T, E, I)
     h_ETI = (F.silu(gate_TEI) * up_TEI).transpose(0, 1)
