@@ -24,7 +24,7 @@ import torch
 from latentmoe.infer.decode_step import StaticStep, bucket
 from latentmoe.infer.paged_cache import PagedLatentCache
 from latentmoe.infer.request import Request
-from latentmoe.infer.runner import PAD_TOKEN_ID, ModelRunner, Verification
+from latentmoe.infer.runner import DEFAULT_PREFILL_CHUNK, PAD_TOKEN_ID, ModelRunner, Verification
 from latentmoe.infer.speculative import DraftPlan
 from latentmoe.model.transformer import CausalLM
 
@@ -48,10 +48,11 @@ class CompiledRunner(ModelRunner):
         *,
         device: torch.device,
         attention: str = "auto",
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         max_batch: int = 16,
         compile: bool = True,
     ):
-        super().__init__(model, cache, device=device, attention=attention)
+        super().__init__(model, cache, device=device, attention=attention, prefill_chunk=prefill_chunk)
         self.max_batch = max_batch
         self.step = StaticStep(model)
         self.compile = compile

@@ -59,7 +59,7 @@ from latentmoe.infer.output import (
 )
 from latentmoe.infer.paged_cache import PagedLatentCache, latent_bytes_per_token, resolve_cache_dtype
 from latentmoe.infer.request import Request
-from latentmoe.infer.runner import PAD_TOKEN_ID, ModelRunner, PrefillRound
+from latentmoe.infer.runner import DEFAULT_PREFILL_CHUNK, PAD_TOKEN_ID, ModelRunner, PrefillRound
 from latentmoe.infer.sampling import SamplingParams
 from latentmoe.infer.scheduler import Scheduler
 from latentmoe.infer.speculative import DraftPlan, SpeculativeConfig
@@ -140,6 +140,7 @@ class Engine:
         compile: run decode and verification through the compiled static-shape step
             (compiled_runner.py; falls back to the eager runner, saying why, where compiling is unavailable).
             Ignored when ``runner_cls`` is given.
+        prefill_chunk: prompt tokens per prefill forward (chunked prefill; runner.py).
         clock: time source for statistics.
     """
 
@@ -159,6 +160,7 @@ class Engine:
         device: str | torch.device | None = None,
         runner_cls: type[ModelRunner] | None = None,
         compile: bool = False,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         clock: Callable[[], float] = time.perf_counter,
     ):
         if max_batch < 1:
@@ -210,9 +212,10 @@ class Engine:
             from latentmoe.infer.compiled_runner import CompiledRunner
 
             self.runner: ModelRunner = CompiledRunner(self.model, self.cache, device=self.device, attention=attention,
-                                                      max_batch=max_batch)
+                                                      prefill_chunk=prefill_chunk, max_batch=max_batch)
         else:
-            self.runner = (runner_cls or ModelRunner)(self.model, self.cache, device=self.device, attention=attention)
+            self.runner = (runner_cls or ModelRunner)(self.model, self.cache, device=self.device, attention=attention,
+                                                      prefill_chunk=prefill_chunk)
         self.output = OutputProcessor(tokenizer, clock)
         self.stats = EngineStats()
         self._ids = itertools.count()

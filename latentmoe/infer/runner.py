@@ -4,8 +4,10 @@ Four kinds, each a method; they read and write a request's cache state (``num_ca
 tail, pending drafts — see ``request.py``) and return the tokens they sampled, never deciding what happens
 next (the scheduler and the output processor do):
 
-* :meth:`ModelRunner.prefill` — one prompt in one forward (``attention="auto"`` takes the materialised
-  path for a long prompt), its latent KV into its blocks, its first token sampled. Prompts prefilled in
+* :meth:`ModelRunner.prefill` — one prompt in forwards of at most ``prefill_chunk`` tokens (chunked prefill:
+  ``attention="auto"`` takes the materialised path, SDPA with ``is_causal`` for the first chunk and a
+  ``[chunk, length]`` boolean mask after it, never a per-head score matrix of the whole prompt), each chunk's
+  latent KV into its blocks as it runs, its first token sampled. Prompts prefilled in
   the same round share work: the cache rows of the longest prefix a prompt has in common with an earlier
   one are copied (causal attention makes them identical) and only the rest runs.
 * :meth:`ModelRunner.decode` — one token for each request of a batch, in one forward of one position per
@@ -43,6 +45,7 @@ from latentmoe.infer.speculative import DraftPlan, draft_window_starts
 from latentmoe.model.mla import ATTENTION_MODES
 from latentmoe.model.transformer import CausalLM
 
+DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds its attention scores at chunk x length
 PAD_TOKEN_ID = 0  # fills draft-window positions past a sequence's end; their outputs are never used
 
 
@@ -109,9 +112,20 @@ class ModelRunner:
         device: where inputs are built. attention: "auto", "absorbed" or "materialised".
     """
 
-    def __init__(self, model: CausalLM, cache: PagedLatentCache, *, device: torch.device, attention: str = "auto"):
+    def __init__(
+        self,
+        model: CausalLM,
+        cache: PagedLatentCache,
+        *,
+        device: torch.device,
+        attention: str = "auto",
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.model = model
         self.cache = cache
         self.config = model.config
@@ -146,8 +160,12 @@ class ModelRunner:
             prefill = PrefillOutput(request.request_id, request.prompt_ids, source.last_logits_1V, source.hidden_SD)
         else:
             self.cache.ensure(request.request_id, n)
-            out = self._forward([request], [request.prompt_ids[common:]], [common])
-            hidden_SD = torch.cat([source.hidden_SD[:common], out.hidden[0]]) if common else out.hidden[0]
+            hidden = [source.hidden_SD[:common]] if common else []
+            for lo in range(common, n, self.prefill_chunk):  # each chunk's latent rows enter the cache as it runs
+                hi = min(n, lo + self.prefill_chunk)
+                out = self._forward([request], [request.prompt_ids[lo:hi]], [lo])
+                hidden.append(out.hidden[0])
+            hidden_SD = torch.cat(hidden) if len(hidden) > 1 else hidden[0]
             prefill = PrefillOutput(request.request_id, request.prompt_ids, out.logits[0, -1:], hidden_SD)
         shared[tuple(request.prompt_ids)] = prefill
         request.num_cached = n
