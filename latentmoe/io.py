@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,6 +336,19 @@ def check_destination(
     if clash:
         raise DestinationError(f"{path / clash[0]}: exists and was not written by latentmoe; it is not replaced")
     return Destination(path=path, ownership=ownership, foreign=tuple(foreign))
+
+
+def check_file_destination(
+    path: str | os.PathLike, *, ours: Callable[[Path], bool], overwrite: bool = False, option: str = "--overwrite"
+) -> None:
+    """Decide whether we may write the single file ``path`` (nothing is written here): it must be new, or a file
+    ``ours(path)`` recognises as one we wrote (a single file carries no directory marker, so its format must say
+    so); any other existing file is a :class:`DestinationError` unless ``overwrite``. A directory never is."""
+    path = Path(path)
+    if path.is_dir():
+        raise DestinationError(f"{path}: is a directory; name the file to write")
+    if path.exists() and not overwrite and not ours(path):
+        raise DestinationError(f"{path}: exists and was not written by latentmoe; pass {option} to replace it")
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:

@@ -1,4 +1,5 @@
-"""``latentmoe convert``: Hugging Face layout ⇄ our training checkpoints (and HF → HF, e.g. FP8 → BF16).
+"""``latentmoe convert``: Hugging Face layout ⇄ our training checkpoints (and HF → HF, e.g. FP8 → BF16), and
+either of them → one GGUF file for llama.cpp (``to="gguf"``, see gguf_export.py).
 
 Our checkpoints are run directories (``checkpoint-STEP/`` + ``tokenizer.json``, see latentmoe.checkpoint);
 a conversion into one writes ``DST/checkpoint-000000`` and the tokenizer next to it, so that
@@ -22,14 +23,23 @@ from latentmoe.checkpoint import CheckpointError, find_tokenizer, load_model, re
 from latentmoe.checkpoint.layout import STATE_FILE
 from latentmoe.hf.errors import HFCheckpointError
 from latentmoe.hf.files import is_hf_checkpoint
+from latentmoe.hf.gguf_export import GGUF_SUFFIX, is_our_gguf, save_gguf
 from latentmoe.hf.load import inspect_checkpoint, load_pretrained
 from latentmoe.hf.save import DEFAULT_MAX_SHARD_SIZE, save_pretrained
 from latentmoe.hf.save import HF_EXPORT_KIND as HF_EXPORT
 from latentmoe.hf.tokenizer import TOKENIZER_NAME, load_run_tokenizer, load_tokenizer, save_tokenizer
-from latentmoe.io import DestinationError, check_destination, claim, publish_directory, read_ownership, temp_dir
+from latentmoe.io import (
+    DestinationError,
+    check_destination,
+    check_file_destination,
+    claim,
+    publish_directory,
+    read_ownership,
+    temp_dir,
+)
 
-HF, LATENTMOE = "hf", "latentmoe"
-KINDS = (HF, LATENTMOE)
+HF, LATENTMOE, GGUF = "hf", "latentmoe", "gguf"
+KINDS = (HF, LATENTMOE, GGUF)
 CONVERTED_KIND = "converted"
 TRAINING_KINDS = ("run", "demo")
 
@@ -91,8 +101,16 @@ def convert(
     if kind == LATENTMOE and to == LATENTMOE:
         raise ValueError(f"{src} is already a latentmoe checkpoint; convert it to the hf layout or copy it")
     check_not_source(src, dst)
-    destination = _check(dst, kinds=(HF_EXPORT if to == HF else CONVERTED_KIND,), overwrite=overwrite,
-                         writes=(TOKENIZER_NAME,))
+    if to == GGUF:
+        if dst.suffix != GGUF_SUFFIX:
+            raise HFCheckpointError(f"{dst}: a GGUF export is one file; name it NAME{GGUF_SUFFIX}")
+        try:
+            check_file_destination(dst, ours=is_our_gguf, overwrite=overwrite)
+        except DestinationError as exc:
+            raise HFCheckpointError(str(exc)) from None
+    else:
+        destination = _check(dst, kinds=(HF_EXPORT if to == HF else CONVERTED_KIND,), overwrite=overwrite,
+                             writes=(TOKENIZER_NAME,))
     dequantized = 0
     if kind == HF:
         info = inspect_checkpoint(src)
@@ -109,7 +127,12 @@ def convert(
         model, _ = load_model(ckpt, device=device)
         dtype = dtype or model.lm_head.weight.dtype
         tokenizer = load_run_tokenizer(ckpt) or find_tokenizer(ckpt, required=False)  # keeps a chat template
-    if to == HF:
+    if to == GGUF:
+        if tokenizer is None:
+            raise HFCheckpointError(f"{src}: has no tokenizer.json; a GGUF file needs the tokenizer")
+        written = save_gguf(model, dst, tokenizer=tokenizer, dtype=dtype, name=src.resolve().name,
+                            overwrite=overwrite).path
+    elif to == HF:
         written = save_pretrained(model, dst, tokenizer=tokenizer, max_shard_size=max_shard_size, dtype=dtype,
                                   overwrite=overwrite).path
     else:
@@ -122,7 +145,7 @@ def convert(
         written=written,
         dtype=dtype,
         num_parameters=model.num_parameters(),
-        mtp_layers=len(model.mtp),
+        mtp_layers=0 if to == GGUF else len(model.mtp),
         dequantized=dequantized,
         tokenizer=tokenizer is not None,
     )

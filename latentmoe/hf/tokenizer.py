@@ -57,6 +57,17 @@ class HFTokenizer:
     chat_template: str | None = None
     special_tokens: dict[str, str] = field(default_factory=dict)
     model_max_length: int | None = None
+    add_bos_token: bool | None = None
+    add_eos_token: bool | None = None
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether a prompt starts with BOS (``add_bos_token`` of tokenizer_config.json; unstated: no)."""
+        return bool(self.add_bos_token) and "bos_token" in self.special_tokens
+
+    @property
+    def adds_eos(self) -> bool:
+        return bool(self.add_eos_token) and "eos_token" in self.special_tokens
 
     def encode(self, text: str):
         """The ``tokenizers.Encoding`` of ``text`` (``.ids``), no special tokens added."""
@@ -134,11 +145,13 @@ def load_tokenizer(path: str | os.PathLike) -> HFTokenizer | None:
         template = (path / CHAT_TEMPLATE_NAME).read_text()
     specials = {k: t for k in SPECIAL_KEYS if (t := _token_text(config.get(k))) is not None}
     max_length = config.get("model_max_length")
+    flags = {k: v for k in ("add_bos_token", "add_eos_token") if isinstance(v := config.get(k), bool)}
     return HFTokenizer(
         tokenizer,
         chat_template=template,
         special_tokens=specials,
         model_max_length=max_length if isinstance(max_length, int) and max_length < 10**12 else None,
+        **flags,
     )
 
 
@@ -160,18 +173,26 @@ def save_tokenizer(tokenizer: HFTokenizer | Tokenizer, path: str | os.PathLike, 
     ``bos_token_id`` / ``eos_token_id``) and the pad token if it has one named like ours.
     """
     path = Path(path)
-    if isinstance(tokenizer, Tokenizer):
-        specials = {}
-        if config is not None:
-            for key, token_id in (("bos_token", config.bos_token_id), ("eos_token", config.eos_token_id)):
-                if token_id is not None and (text := tokenizer.id_to_token(token_id)) is not None:
-                    specials[key] = text
-        if tokenizer.token_to_id("<|pad|>") is not None:
-            specials["pad_token"] = "<|pad|>"
-        tokenizer = HFTokenizer(tokenizer, special_tokens=specials)
+    tokenizer = as_hf_tokenizer(tokenizer, config=config)
     tokenizer.tokenizer.save(str(path / TOKENIZER_NAME))
     (path / TOKENIZER_CONFIG_NAME).write_text(tokenizer_config_text(tokenizer))
     return [path / TOKENIZER_NAME, path / TOKENIZER_CONFIG_NAME]
+
+
+def as_hf_tokenizer(tokenizer: HFTokenizer | Tokenizer, *, config=None) -> HFTokenizer:
+    """``tokenizer`` itself, or a bare ``tokenizers.Tokenizer`` (our trained BPE) with the special tokens of
+    ``config`` (a ModelConfig's ``bos_token_id`` / ``eos_token_id``), the pad token if it has one named like ours,
+    and our prompt encoding: BOS first, as training frames every document."""
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer
+    specials = {}
+    if config is not None:
+        for key, token_id in (("bos_token", config.bos_token_id), ("eos_token", config.eos_token_id)):
+            if token_id is not None and (text := tokenizer.id_to_token(token_id)) is not None:
+                specials[key] = text
+    if tokenizer.token_to_id("<|pad|>") is not None:
+        specials["pad_token"] = "<|pad|>"
+    return HFTokenizer(tokenizer, special_tokens=specials, add_bos_token="bos_token" in specials, add_eos_token=False)
 
 
 def tokenizer_config_text(tokenizer: HFTokenizer) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,35 +60,53 @@ def save_sharded_checkpoint(
 ) -> Path:
     """Write ``out_dir/checkpoint-STEP`` from every rank (collective); returns its path on every rank."""
     topo = groups.topology
+    return collective_commit(
+        out_dir, step, lambda tmp: _write_rank_files(tmp, model, optimizer, topo, config), trainer_state,
+        rank=topo.rank, world=groups.world, keep_last=keep_last, owner_kind=owner_kind,
+        extra_state={EP_STATE_KEY: {"ep_size": topo.ep_size}})
+
+
+def collective_commit(
+    out_dir: str | os.PathLike,
+    step: int,
+    write_parts: Callable[[Path], None],
+    trainer_state: dict[str, Any],
+    *,
+    rank: int,
+    world: dist.ProcessGroup,
+    keep_last: int | None,
+    owner_kind: str,
+    extra_state: dict[str, Any],
+) -> Path:
+    """The collective skeleton every sharded save shares: rank 0 opens the temporary directory and broadcasts it,
+    every rank runs ``write_parts(tmp)``, an all-reduce(MIN) of "my part succeeded" (one failure aborts all), rank 0
+    commits and prunes, a barrier. Returns the committed path on every rank."""
     out_dir = Path(out_dir)
-    box: list[Any] = [None]
-    if topo.rank == 0:
-        box[0] = str(ckpt.begin_checkpoint(out_dir, step))
-    dist.broadcast_object_list(box, src=0, group=groups.world)
+    box: list[Any] = [str(ckpt.begin_checkpoint(out_dir, step)) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0, group=world)
     tmp = Path(box[0])
     ok = torch.ones(1)
     try:
-        _write_rank_files(tmp, model, optimizer, topo, config)
+        write_parts(tmp)
     except BaseException:
         ok.zero_()
         raise
     finally:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=groups.world)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=world)
     final = out_dir / ckpt.checkpoint_name(step)
     if not bool(ok):
-        if topo.rank == 0:
+        if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # our temporary directory: only our files are in it
         raise ckpt.CheckpointError(f"{final}: another rank failed to write its part of the checkpoint")
-    if topo.rank == 0:
+    if rank == 0:
         try:
-            ckpt.commit_checkpoint(tmp, out_dir, step, trainer_state, owner_kind=owner_kind,
-                                   extra_state={EP_STATE_KEY: {"ep_size": topo.ep_size}})
+            ckpt.commit_checkpoint(tmp, out_dir, step, trainer_state, owner_kind=owner_kind, extra_state=extra_state)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         if keep_last is not None:
             ckpt.prune_checkpoints(out_dir, keep_last=keep_last)
-    dist.barrier(group=groups.world)
+    dist.barrier(group=world)
     return final
 
 

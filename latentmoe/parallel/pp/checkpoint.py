@@ -27,7 +27,6 @@ of the experts) and the AdamW state of its own parameters; ZeRO keeps its shard.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +39,10 @@ from latentmoe.checkpoint.tensors import read_safetensors
 from latentmoe.config import ModelConfig
 from latentmoe.io import one_line
 from latentmoe.model.moe import is_expert_parameter
+from latentmoe.parallel.checkpoint import EP_STATE_KEY, collective_commit
 from latentmoe.train.optim import split_decay_params
 
 PIPELINE_STATE_KEY = "pipeline"
-EP_STATE_KEY = "expert_parallel"
 
 
 def global_parameter_order(config: ModelConfig) -> tuple[list[str], int]:
@@ -96,38 +95,14 @@ def save_pipeline_checkpoint(
     owner_kind: str = ckpt.RUN_KIND,
 ) -> Path:
     """Write ``out_dir/checkpoint-STEP`` from every rank (collective); returns its path on every rank."""
-    topo, groups = strategy.topology, strategy.groups
-    out_dir = Path(out_dir)
-    box: list[Any] = [str(ckpt.begin_checkpoint(out_dir, step)) if topo.rank == 0 else None]
-    dist.broadcast_object_list(box, src=0, group=groups.world)
-    tmp = Path(box[0])
-    ok = torch.ones(1)
-    try:
-        _write_parts(tmp, model, optimizer, config, strategy)
-    except BaseException:
-        ok.zero_()
-        raise
-    finally:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=groups.world)
-    final = out_dir / ckpt.checkpoint_name(step)
-    if not bool(ok):
-        if topo.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # our temporary directory: only our files are in it
-        raise ckpt.CheckpointError(f"{final}: another rank failed to write its part of the checkpoint")
-    if topo.rank == 0:
-        extra = {PIPELINE_STATE_KEY: {"pp_size": topo.pp_size, "schedule": strategy.pipeline.schedule,
-                                      "layers_per_stage": strategy.counts}}
-        if topo.ep_size > 1:
-            extra[EP_STATE_KEY] = {"ep_size": topo.ep_size}
-        try:
-            ckpt.commit_checkpoint(tmp, out_dir, step, trainer_state, owner_kind=owner_kind, extra_state=extra)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if keep_last is not None:
-            ckpt.prune_checkpoints(out_dir, keep_last=keep_last)
-    dist.barrier(group=groups.world)
-    return final
+    topo = strategy.topology
+    extra = {PIPELINE_STATE_KEY: {"pp_size": topo.pp_size, "schedule": strategy.pipeline.schedule,
+                                  "layers_per_stage": strategy.counts}}
+    if topo.ep_size > 1:
+        extra[EP_STATE_KEY] = {"ep_size": topo.ep_size}
+    return collective_commit(
+        out_dir, step, lambda tmp: _write_parts(tmp, model, optimizer, config, strategy), trainer_state,
+        rank=topo.rank, world=strategy.groups.world, keep_last=keep_last, owner_kind=owner_kind, extra_state=extra)
 
 
 def _write_parts(tmp: Path, model: nn.Module, optimizer, config: ModelConfig, strategy) -> None:
