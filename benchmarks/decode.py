@@ -151,15 +151,17 @@ def weight_bytes_per_step(model: CausalLM, batch: int, touched_experts_per_step:
 def touched_experts(model: CausalLM, prompts: list[list[int]], tokens: list[list[int]]) -> float:
     """Distinct routed experts per decode step (summed over layers), replaying the decoded tokens eagerly."""
     counts: list[int] = []
-    hooks = [b.mlp.register_forward_hook(lambda m, i, o: counts.append(int((o.load_E > 0).sum())))
-             for b in model.model.layers if isinstance(b.mlp, MoE)]
+
+    def count(module, inputs, output):
+        if inputs[0].shape[1] == 1:  # a decode forward (one new position per sequence), not the prefill
+            counts.append(int((output.load_E > 0).sum()))
+
+    hooks = [b.mlp.register_forward_hook(count) for b in model.model.layers if isinstance(b.mlp, MoE)]
     try:
         engine = Engine(model, max_batch=len(prompts), num_blocks=blocks_for(prompts, 4), mtp_cache=False)
         for p, t in zip(prompts, tokens, strict=True):
             engine.add_request(p + t[:-1], SamplingParams(max_tokens=2, temperature=0.0))
-        engine.step()  # prefill
-        counts.clear()
-        engine.step()  # one decode step of the whole batch
+        engine.step()  # prefill, then one decode step of the whole batch
     finally:
         for h in hooks:
             h.remove()

@@ -4,7 +4,8 @@
 forwards that run every step — ``decode`` (one token per sequence) and ``verify`` (1 + drafts per sequence) —
 with :class:`~latentmoe.infer.decode_step.StaticStep`; prefill and drafting stay the reference's. Each call:
 
-1. pads the batch to its bucket (``bucket``), each block table to the bucket of its longest cached length;
+1. pads the batch to its bucket (``bucket``), each block table to the bucket of the longest cached length
+   (``block_bucket``);
 2. runs the step (``torch.compile``d, ``dynamic=False``: one graph per (B, S, blocks) bucket, compiled on
    first use; inductor's on-disk cache keeps the compiled code across processes);
 3. writes the step's new cache rows of the real positions into the pool in one ``index_copy_`` and samples.
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-from latentmoe.infer.decode_step import StaticStep, bucket
+from latentmoe.infer.decode_step import StaticStep, block_bucket, bucket
 from latentmoe.infer.paged_cache import PagedLatentCache
 from latentmoe.infer.request import Request
 from latentmoe.infer.runner import DEFAULT_PREFILL_CHUNK, PAD_TOKEN_ID, ModelRunner, Verification
@@ -95,7 +96,7 @@ class CompiledRunner(ModelRunner):
         for r, n in zip(batch, real_B, strict=True):
             cache.ensure(r.request_id, r.num_cached + n)
         lengths = [r.num_cached for r in batch]
-        N = bucket(max(1, *(cache.blocks_for(n) for n in lengths)), cache.num_blocks)
+        N = block_bucket(max(1, *(cache.blocks_for(n) for n in lengths)), cache.num_blocks)
         tables = [cache.block_tables[r.request_id][:N] for r in batch]
         rows = [t + [0] * (N - len(t)) for t in tables] + [[0] * N] * (Bp - B)
         ids_BS = self._tensor(ids + [[PAD_TOKEN_ID] * S] * (Bp - B))

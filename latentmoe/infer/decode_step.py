@@ -10,9 +10,9 @@ kernels:
 
 * **Batch buckets.** B running sequences are padded to the next power of two (capped at ``max_batch``);
   padding rows have length 0 and their outputs are dropped.
-* **Cache buckets.** Each sequence's cached rows are read through its block table, padded to the next power
-  of two of blocks; keys at or past a sequence's own length are masked. Positions of the new tokens come
-  from the lengths, inside the graph.
+* **Cache buckets.** Each sequence's cached rows are read through its block table, padded to the block bucket
+  of the longest (:func:`block_bucket`: at most a quarter more blocks than needed); keys at or past a
+  sequence's own length are masked. Positions of the new tokens come from the lengths, inside the graph.
 * **New rows stay out of the graph's inputs.** Attention reads the cached rows ``< length`` from the pool and
   the S new rows from the step itself (causal among them), and the step *returns* the new rows
   ``[layers, B, S, X]``; the runner writes them into the pool with one ``index_copy_`` afterwards. So the
@@ -45,6 +45,19 @@ def bucket(n: int, limit: int) -> int:
     if not 1 <= n <= limit:
         raise ValueError(f"bucket: {n} is outside [1, {limit}]")
     return min(1 << (n - 1).bit_length(), limit)
+
+
+BLOCK_BUCKETS_PER_OCTAVE = 4  # cache-length buckets between powers of two: at most 1/4 of the rows read are padding
+
+
+def block_bucket(n: int, limit: int) -> int:
+    """The cache-block bucket for ``n`` blocks (pure): ``n`` rounded up to a multiple of a quarter of the power of
+    two below it, capped at ``limit`` — 1..8, then 10, 12, 14, 16, 20, 24, 28, 32, 40, ... — so a sequence reads at
+    most a quarter more rows than it holds, with four graphs per doubling of the context."""
+    if not 1 <= n <= limit:
+        raise ValueError(f"block_bucket: {n} is outside [1, {limit}]")
+    step = max(1, (1 << (n.bit_length() - 1)) // BLOCK_BUCKETS_PER_OCTAVE)
+    return min(-(-n // step) * step, limit)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -15,13 +15,21 @@ import torch
 from latentmoe import CausalLM, ModelConfig
 from latentmoe.infer import Engine, SamplingParams, SpeculativeConfig
 from latentmoe.infer.compiled_runner import CompiledRunner
-from latentmoe.infer.decode_step import StaticStep, bucket
+from latentmoe.infer.decode_step import StaticStep, block_bucket, bucket
 from latentmoe.model.moe import Experts, dense_experts, gathered_experts, static_experts
 from tests.reference.moe import experts_reference
 
 
 def static_runner(max_batch: int, compile: bool = False):
     return functools.partial(CompiledRunner, max_batch=max_batch, compile=compile)
+
+
+def test_block_bucket_by_hand():
+    assert [block_bucket(n, 1000) for n in (1, 5, 8, 9, 10, 11, 17, 33, 65, 129)] == \
+        [1, 5, 8, 10, 10, 12, 20, 40, 80, 160]
+    assert block_bucket(9, 9) == 9
+    with pytest.raises(ValueError):
+        block_bucket(0, 4)
 
 
 def test_bucket_by_hand():
@@ -57,7 +65,7 @@ def random_prompts(vocab: int, count: int, seed: int, longest: int = 30) -> list
 @pytest.mark.parametrize("max_batch", [1, 3, 8])
 def test_static_step_greedy_tokens_equal_the_reference_runner(max_batch):
     """Batches of 1..8 padded to buckets 1/2/4/8 (and a cap of 3), block size 4 so lengths cross block
-    boundaries and block buckets (1, 2, 4, 8, 16 blocks) while decoding."""
+    boundaries and block buckets (1..8, 10, 12, 14, 16, 20 blocks) while decoding."""
     torch.manual_seed(0)
     model = CausalLM(ModelConfig.from_preset("tiny")).double().eval()
     rng = random.Random(max_batch)
