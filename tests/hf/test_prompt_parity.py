@@ -72,6 +72,19 @@ def test_the_export_says_bos_as_we_train(exported):
     assert ids[0] == model.config.bos_token_id and ids.count(model.config.bos_token_id) == 1
 
 
+def test_a_prompt_of_ours_is_encoded_as_training_frames_a_document(exported):
+    """Our runs' rule (BOS first) is the data pipeline's framing (BOS ids EOS) without the closing EOS."""
+    from latentmoe.data.batching import encode_documents
+    from latentmoe.pretrained import load
+
+    root, model, hf_tokenizer, _ = exported
+    _, tokenizer = load(root / "run")
+    for text in PLAIN:
+        framed = encode_documents(tokenizer.tokenizer, [text]).tolist()
+        assert framed[-1] == model.config.eos_token_id
+        assert tokenizer.encode_prompt(text) == framed[:-1] == hf_tokenizer(text).input_ids
+
+
 @pytest.mark.parametrize("prompt", PLAIN)
 def test_our_export_generates_in_transformers_what_latentmoe_generate_prints(exported, capsys, prompt):
     root, _, hf_tokenizer, hf_model = exported
