@@ -33,6 +33,10 @@ def add_parser(sub) -> None:
     p.add_argument("--chat", action="store_true",
                    help="each prompt is a user message, rendered with the checkpoint's chat template (or the "
                    "default one) and answered; the template decides about BOS")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="decode and verify through the torch.compile'd static-shape step (first use of each batch/"
+                        "cache bucket compiles, cached on disk by inductor; falls back to eager, saying why, where "
+                        "compiling is unavailable) (default: --no-compile)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (with --prompt)")
     p.add_argument("--cache-dtype", choices=("fp32", "bf16", "fp8"), default=None,
                    help="latent KV cache dtype (default: the model's)")
@@ -89,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     eos = model.config.eos_token_id
     params = dataclasses.replace(params, stop_token_ids=() if eos is None else (eos,))
     engine = Engine(model, tokenizer, cache_dtype=args.cache_dtype, max_batch=max(1, min(len(prompts), MAX_BATCH)),
-                    cache_memory_bytes=args.cache_memory)
+                    cache_memory_bytes=args.cache_memory, compile=args.compile)
     shown = prompts
     if args.chat:  # token ids from the chat template; what is printed is the reply alone
         from latentmoe.serve.prompts import encode_chat
@@ -120,4 +124,12 @@ def run(args: argparse.Namespace) -> int:
         accepted = sum(r.stats.accepted_draft_tokens for r in results)
         line += f", draft acceptance {accepted / drafted:.0%} ({accepted}/{drafted})" if drafted else ", no drafts"
     print(line, file=sys.stderr)
+    if args.compile:
+        runner = engine.runner
+        if runner.fallback_reason is not None:
+            print(f"compiled step not used: {runner.fallback_reason}", file=sys.stderr)
+        else:
+            spent = sum(runner.compile_seconds.values())
+            print(f"compiled step: {len(runner.compile_seconds)} graph(s), first calls {spent:.1f}s "
+                  f"(compilation included)", file=sys.stderr)
     return 0

@@ -49,6 +49,10 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp64"), default="fp32", help="weights and compute dtype")
     p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=None,
                    help="MTP speculative decoding (default: on when the checkpoint has an MTP module)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="decode and verify through the torch.compile'd static-shape step (first use of each batch/"
+                        "cache bucket compiles, cached on disk by inductor; falls back to eager, saying why, where "
+                        "compiling is unavailable) (default: --no-compile)")
     p.add_argument("--disaggregate", action="store_true",
                    help="prefill and decode in separate worker processes (torch.distributed; docs/disaggregation.md)")
     p.add_argument("--prefill-workers", type=number(1, MAX_WORKERS, integer=True), default=1,
@@ -101,7 +105,7 @@ def build_backend(args: argparse.Namespace):
     model, tokenizer = load(args.checkpoint, device=args.device, dtype=dtype_from_name(args.dtype))
     speculative = len(model.mtp) > 0 if args.speculative is None else args.speculative
     engine = Engine(model, tokenizer, cache_dtype=args.cache_dtype, max_batch=args.max_batch,
-                    cache_memory_bytes=args.cache_memory, max_model_len=args.max_model_len)
+                    cache_memory_bytes=args.cache_memory, max_model_len=args.max_model_len, compile=args.compile)
     return LocalBackend(engine, name=name, max_queued=args.max_queued, speculative=speculative)
 
 

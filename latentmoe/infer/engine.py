@@ -60,7 +60,7 @@ from latentmoe.infer.output import (
 )
 from latentmoe.infer.paged_cache import PagedLatentCache, latent_bytes_per_token, resolve_cache_dtype
 from latentmoe.infer.request import Request
-from latentmoe.infer.runner import PAD_TOKEN_ID, ModelRunner, PrefillRound
+from latentmoe.infer.runner import DEFAULT_PREFILL_CHUNK, PAD_TOKEN_ID, ModelRunner, PrefillRound
 from latentmoe.infer.sampling import SamplingParams
 from latentmoe.infer.scheduler import Scheduler
 from latentmoe.infer.speculative import DraftPlan, SpeculativeConfig
@@ -138,6 +138,10 @@ class Engine:
         device: where the engine computes and keeps its cache ("auto", "cpu", "cuda[:N]" or a torch.device);
             default the model's device. A model elsewhere is moved there (in place, as ``Module.to``).
         runner_cls: the model runner; a subclass replacing ``decode`` (a compiled step) plugs in here.
+        compile: run decode and verification through the compiled static-shape step
+            (compiled_runner.py; falls back to the eager runner, saying why, where compiling is unavailable).
+            Ignored when ``runner_cls`` is given.
+        prefill_chunk: prompt tokens per prefill forward (chunked prefill; runner.py).
         clock: time source for statistics.
     """
 
@@ -155,7 +159,9 @@ class Engine:
         attention: str = "auto",
         mtp_cache: bool = True,
         device: str | torch.device | None = None,
-        runner_cls: type[ModelRunner] = ModelRunner,
+        runner_cls: type[ModelRunner] | None = None,
+        compile: bool = False,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         clock: Callable[[], float] = time.perf_counter,
     ):
         if max_batch < 1:
@@ -203,7 +209,14 @@ class Engine:
             device=self.device,
         )
         self.scheduler = Scheduler(self.cache, max_batch=max_batch)
-        self.runner = runner_cls(self.model, self.cache, device=self.device, attention=attention)
+        if runner_cls is None and compile:
+            from latentmoe.infer.compiled_runner import CompiledRunner
+
+            self.runner: ModelRunner = CompiledRunner(self.model, self.cache, device=self.device, attention=attention,
+                                                      prefill_chunk=prefill_chunk, max_batch=max_batch)
+        else:
+            self.runner = (runner_cls or ModelRunner)(self.model, self.cache, device=self.device, attention=attention,
+                                                      prefill_chunk=prefill_chunk)
         self.output = OutputProcessor(tokenizer, clock)
         self.stats = EngineStats()
         self._ids = itertools.count()

@@ -4,8 +4,10 @@ Four kinds, each a method; they read and write a request's cache state (``num_ca
 tail, pending drafts — see ``request.py``) and return the tokens they sampled, never deciding what happens
 next (the scheduler and the output processor do):
 
-* :meth:`ModelRunner.prefill` — one prompt in one forward (``attention="auto"`` takes the materialised
-  path for a long prompt), its latent KV into its blocks, its first token sampled. Prompts prefilled in
+* :meth:`ModelRunner.prefill` — one prompt in forwards of at most ``prefill_chunk`` tokens (chunked prefill:
+  ``attention="auto"`` takes the materialised path, SDPA with ``is_causal`` for the first chunk and a
+  ``[chunk, length]`` boolean mask after it, never a per-head score matrix of the whole prompt), each chunk's
+  latent KV into its blocks as it runs, its first token sampled. Prompts prefilled in
   the same round share work: the cache rows of the longest prefix a prompt has in common with an earlier
   one are copied (causal attention makes them identical) and only the rest runs.
 * :meth:`ModelRunner.decode` — one token for each request of a batch, in one forward of one position per
@@ -43,6 +45,7 @@ from latentmoe.infer.speculative import DraftPlan, draft_window_starts
 from latentmoe.model.mla import ATTENTION_MODES
 from latentmoe.model.transformer import CausalLM
 
+DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds its attention scores at chunk x length
 PAD_TOKEN_ID = 0  # fills draft-window positions past a sequence's end; their outputs are never used
 
 
@@ -109,9 +112,20 @@ class ModelRunner:
         device: where inputs are built. attention: "auto", "absorbed" or "materialised".
     """
 
-    def __init__(self, model: CausalLM, cache: PagedLatentCache, *, device: torch.device, attention: str = "auto"):
+    def __init__(
+        self,
+        model: CausalLM,
+        cache: PagedLatentCache,
+        *,
+        device: torch.device,
+        attention: str = "auto",
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.model = model
         self.cache = cache
         self.config = model.config
@@ -146,8 +160,12 @@ class ModelRunner:
             prefill = PrefillOutput(request.request_id, request.prompt_ids, source.last_logits_1V, source.hidden_SD)
         else:
             self.cache.ensure(request.request_id, n)
-            out = self._forward([request], [request.prompt_ids[common:]], [common])
-            hidden_SD = torch.cat([source.hidden_SD[:common], out.hidden[0]]) if common else out.hidden[0]
+            hidden = [source.hidden_SD[:common]] if common else []
+            for lo in range(common, n, self.prefill_chunk):  # each chunk's latent rows enter the cache as it runs
+                hi = min(n, lo + self.prefill_chunk)
+                out = self._forward([request], [request.prompt_ids[lo:hi]], [lo])
+                hidden.append(out.hidden[0])
+            hidden_SD = torch.cat(hidden) if len(hidden) > 1 else hidden[0]
             prefill = PrefillOutput(request.request_id, request.prompt_ids, out.logits[0, -1:], hidden_SD)
         shared[tuple(request.prompt_ids)] = prefill
         request.num_cached = n
@@ -200,41 +218,56 @@ class ModelRunner:
     # ------------------------------------------------------------------ speculative
     @torch.no_grad()
     def verify(self, batch: list[Request], plan: DraftPlan) -> list[Verification]:
-        """Verify every request's drafts in one forward and keep the accepted prefixes in the cache."""
-        k = min(len(r.drafts) for r in batch)
+        """Verify every request's own drafts and keep the accepted prefixes in the cache.
+
+        Requests with the same number of drafts share one forward (all of them, except near their ends), so
+        a request's verification never depends on which others share its batch."""
+        logits: dict[int, torch.Tensor] = {}
+        hidden: dict[int, torch.Tensor] = {}
+        groups: dict[int, list[Request]] = {}
         for r in batch:
-            self.cache.ensure(r.request_id, r.num_cached + k + 1)
-        out = self._forward(batch, [[r.tokens[-1], *r.drafts[:k]] for r in batch], [r.num_cached for r in batch])
-        results = []
-        for b, r in enumerate(batch):
-            drafts = r.drafts[:k]
-            if k == 0:  # a request one token from its end: no drafts this step
-                acceptance = Acceptance(0, int(sample_next(out.logits[b, :1], r.params, r.generator)[0]))
-            elif r.params.greedy:
-                acceptance = greedy_accept(out.logits[b].argmax(-1).tolist(), drafts)
-            else:
-                p_K1V = token_probs(out.logits[b], r.params)
-                accepted, nxt = rejection_sample(p_K1V[None], r.draft_probs_KV[None, :k], self._tensor([drafts]),
-                                                 r.generator)
-                acceptance = Acceptance(int(accepted[0]), int(nxt[0]))
-            a = acceptance.num_accepted
-            emitted = acceptance.emitted(drafts)
-            if (top_n := r.params.logprobs) is not None:  # emitted token j was sampled at verified position j
-                r.pending_logprobs.extend(token_logprobs(out.logits[b, : a + 1], emitted, top_n))
-            r.hidden_tail_PD = torch.cat([r.hidden_tail_PD, out.hidden[b, : a + 1]])[-plan.hidden_tail :]
-            r.num_cached += a + 1
-            self.cache.truncate(r.request_id, r.num_cached)  # rejected positions are dropped
-            r.drafts, r.draft_probs_KV = [], None
-            results.append(Verification(num_drafted=k, num_accepted=a, tokens=emitted))
-        return results
+            groups.setdefault(len(r.drafts), []).append(r)
+        for k, group in groups.items():
+            for r in group:
+                self.cache.ensure(r.request_id, r.num_cached + k + 1)
+            out = self._forward(group, [[r.tokens[-1], *r.drafts] for r in group], [r.num_cached for r in group])
+            for b, r in enumerate(group):
+                logits[r.request_id], hidden[r.request_id] = out.logits[b], out.hidden[b]
+        return [self._accept(r, plan, logits[r.request_id], hidden[r.request_id]) for r in batch]
+
+    def _accept(self, r: Request, plan: DraftPlan, logits_SV: torch.Tensor, hidden_SD: torch.Tensor) -> Verification:
+        """Accept a prefix of ``r``'s drafts from the main model's logits over ``[t_n, d_1..d_k]`` (rows past
+        ``1 + k`` are padding), keep it in the cache and emit it with the target's own next token."""
+        drafts = r.drafts
+        k = len(drafts)
+        if k == 0:  # a request one token from its end: no drafts this step
+            acceptance = Acceptance(0, int(sample_next(logits_SV[:1], r.params, r.generator)[0]))
+        elif r.params.greedy:
+            acceptance = greedy_accept(logits_SV[: k + 1].argmax(-1).tolist(), drafts)
+        else:
+            p_K1V = token_probs(logits_SV[: k + 1], r.params)
+            accepted, nxt = rejection_sample(p_K1V[None], r.draft_probs_KV[None, :k], self._tensor([drafts]),
+                                             r.generator)
+            acceptance = Acceptance(int(accepted[0]), int(nxt[0]))
+        a = acceptance.num_accepted
+        emitted = acceptance.emitted(drafts)
+        if (top_n := r.params.logprobs) is not None:  # emitted token j was sampled at verified position j
+            r.pending_logprobs.extend(token_logprobs(logits_SV[: a + 1], emitted, top_n))
+        r.hidden_tail_PD = torch.cat([r.hidden_tail_PD, hidden_SD[: a + 1]])[-plan.hidden_tail :]
+        r.num_cached += a + 1
+        self.cache.truncate(r.request_id, r.num_cached)  # rejected positions are dropped
+        r.drafts, r.draft_probs_KV = [], None
+        return Verification(num_drafted=k, num_accepted=a, tokens=emitted)
 
     @torch.no_grad()
     def draft(self, batch: list[Request], plan: DraftPlan) -> None:
         """Draft up to ``plan.num_draft_tokens`` tokens per request with the MTP modules (see speculative.py)."""
         lengths = [r.num_cached for r in batch]
         starts, width = draft_window_starts(lengths, [r.mtp_final for r in batch])
-        # never draft past max_tokens: the last token of a request is always the target's own
-        keep = max(0, min(plan.num_draft_tokens, *(r.remaining - 1 for r in batch)))
+        # never draft past max_tokens: the last token of a request is always the target's own (each request
+        # keeps its own count, so its drafts do not depend on which others share the batch)
+        keep_B = [max(0, min(plan.num_draft_tokens, r.remaining - 1)) for r in batch]
+        keep = max(keep_B)
         for r, start in zip(batch, starts, strict=True):
             self.cache.ensure(r.request_id, max(start + width, r.num_cached + keep))
         hidden_BWD = torch.zeros(len(batch), width, self.config.hidden_size, dtype=self.dtype, device=self.device)
@@ -265,7 +298,9 @@ class ModelRunner:
         if plan.recursive:
             g_B1D = torch.stack([prev_BWD[b, last[b]] for b in range(len(batch))])[:, None]
             for j in range(2, keep + 1):
-                start_B = self._tensor([n + j - 2 for n in lengths])
+                # a request past its own count drafts on as padding (never kept), inside the position limit
+                limit = self.config.max_position_embeddings - 1
+                start_B = self._tensor([min(n + j - 2, limit) for n in lengths])
                 step_view = self.cache.view([r.request_id for r in batch], start_B, 1)
                 g_B1D, logits_B1V = self.model.mtp_forward(
                     1, g_B1D, self._tensor([[d[-1]] for d in drafts]), cache=step_view, start_pos=start_B,
@@ -274,8 +309,8 @@ class ModelRunner:
                 for b, r in enumerate(batch):
                     self._propose(r, logits_B1V[b], drafts[b], probs[b])
         for b, r in enumerate(batch):
-            r.drafts = drafts[b][:keep]
-            r.draft_probs_KV = torch.cat(probs[b])[:keep] if probs[b] else None
+            r.drafts = drafts[b][: keep_B[b]]
+            r.draft_probs_KV = torch.cat(probs[b])[: keep_B[b]] if probs[b] else None
             r.mtp_final = max(0, r.num_cached - plan.chain_modules + 1)
             r.hidden_tail_PD = r.hidden_tail_PD[-plan.hidden_tail :]
 

@@ -270,3 +270,65 @@ class MoE(nn.Module):
             else x_BSD.new_zeros((), dtype=torch.float32)
         )
         return MoEOutput(y_TD.view(B, S, D), expert_counts(routing.topk_idx_TK, E), balance)
+
+
+# ---------------------------------------------------------------------------------------------- static shapes
+# The two routed-expert computations below have shapes that do not depend on the routing (what a compiled,
+# static-shape decode step needs; latentmoe.infer.decode_step). Both equal Experts.forward (the grouped
+# reference) and the per-token loop in tests/reference/moe.py.
+
+
+def gathered_experts(
+    x_TD: torch.Tensor,
+    topk_idx_TK: torch.Tensor,
+    topk_weight_TK: torch.Tensor,
+    gate_EID: torch.Tensor,
+    up_EID: torch.Tensor,
+    down_EDI: torch.Tensor,
+) -> torch.Tensor:
+    """Σ_k weight[t,k] · FFN_{idx[t,k]}(x_t) with each (token, expert) pair reading its expert's weights by index.
+
+    Written as products and sums over the indexed weights, so a compiler fuses the gather into the reduction
+    and reads only the T·K chosen experts' weights, once (eagerly it materialises ``[T, K, I, D]``): the choice
+    when T·K is below the number of experts. Returns ``[T, D]`` in x's dtype."""
+    x_T11D = x_TD[:, None, None, :]
+    gate_TKI = (x_T11D * gate_EID[topk_idx_TK]).sum(-1)
+    up_TKI = (x_T11D * up_EID[topk_idx_TK]).sum(-1)
+    h_TK1I = (F.silu(gate_TKI) * up_TKI)[:, :, None, :]
+    y_TKD = (h_TK1I * down_EDI[topk_idx_TK]).sum(-1)
+    return (y_TKD * topk_weight_TK[:, :, None].to(y_TKD.dtype)).sum(1).to(x_TD.dtype)
+
+
+def dense_experts(
+    x_TD: torch.Tensor,
+    topk_idx_TK: torch.Tensor,
+    topk_weight_TK: torch.Tensor,
+    gate_EID: torch.Tensor,
+    up_EID: torch.Tensor,
+    down_EDI: torch.Tensor,
+) -> torch.Tensor:
+    """The same sum, with every expert run on every token and weighted by a ``[T, E]`` combine matrix that is
+    zero outside each token's top-k: E weight reads and T·E FFNs of work, the choice once T·K reaches the number
+    of experts (a decode batch of 16 with top-4 of 16). Returns ``[T, D]`` in x's dtype."""
+    T, D = x_TD.shape
+    E, I, _ = gate_EID.shape
+    combine_TE = torch.zeros(T, E, dtype=topk_weight_TK.dtype, device=x_TD.device).scatter_(
+        1, topk_idx_TK, topk_weight_TK)
+    gate_TEI = (x_TD @ gate_EID.reshape(E * I, D).t()).view(T, E, I)
+    up_TEI = (x_TD @ up_EID.reshape(E * I, D).t()).view(T, E, I)
+    h_ETI = (F.silu(gate_TEI) * up_TEI).transpose(0, 1)
+    y_ETD = torch.bmm(h_ETI, down_EDI.transpose(1, 2))
+    return torch.einsum("te,etd->td", combine_TE.to(y_ETD.dtype), y_ETD).to(x_TD.dtype)
+
+
+def static_experts(
+    x_TD: torch.Tensor,
+    topk_idx_TK: torch.Tensor,
+    topk_weight_TK: torch.Tensor,
+    experts: Experts,
+) -> torch.Tensor:
+    """:func:`gathered_experts` when T·K < E (fewer chosen pairs than experts: fewer weight bytes), else
+    :func:`dense_experts`; the choice depends on shapes only, never on the routing."""
+    T, K = topk_idx_TK.shape
+    compute = gathered_experts if T * K < experts.n_experts else dense_experts
+    return compute(x_TD, topk_idx_TK, topk_weight_TK, experts.gate_proj, experts.up_proj, experts.down_proj)
