@@ -32,7 +32,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -45,7 +44,7 @@ from latentmoe.data.prepare import prepare_shipped_corpus
 from latentmoe.data.shards import DatasetError
 from latentmoe.data.sources import DataSourceError
 from latentmoe.device import resolve_device
-from latentmoe.hf.tokenizer import HFTokenizer, as_hf_tokenizer, chat_template_of, load_tokenizer, render_chat_template
+from latentmoe.hf.tokenizer import HFTokenizer, as_hf_tokenizer, chat_template_of, load_tokenizer
 from latentmoe.hf.tokenizer import tokenizer_config_text as hf_tokenizer_config_text
 from latentmoe.io import atomic_path, write_text_atomic
 from latentmoe.train.config import TrainConfig
@@ -271,13 +270,9 @@ def _run_tokenizer(out_dir: Path, config: ModelConfig) -> HFTokenizer | None:
 
 
 def _read_chat(path, tokenizer: HFTokenizer, config: ModelConfig, *, val_fraction: float) -> ChatDataset:
-    template, is_default = chat_template_of(tokenizer)
-    variables: dict[str, Any] = dict(tokenizer.special_tokens)
-    variables.setdefault("bos_token", "")
-    variables.setdefault("eos_token", "")
-
-    def render(messages, *, add_generation_prompt: bool) -> str:
-        return render_chat_template(template, messages, add_generation_prompt=add_generation_prompt, **variables)
+    _, is_default = chat_template_of(tokenizer)
+    # the server's and generate --chat's rule (latentmoe.hf.tokenizer): the template rendered, tokenised as it is
+    render = tokenizer.render_chat
 
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text).ids

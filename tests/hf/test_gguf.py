@@ -196,3 +196,21 @@ def test_llama_cpp_logits_on_our_gguf_equal_ours(tmp_path, variant):
     with torch.no_grad():
         mine = model(torch.tensor([ids])).logits[0]
     assert rel_err(theirs, mine) <= LOGITS_TOLERANCE
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_a_hugging_face_directory_exports_with_its_own_prompt_rule(tmp_path, add_bos, capsys):
+    """transformers writes add_bos_token into tokenizer.json's post-processor; the GGUF says the same."""
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.hf.helpers import hf_v3
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(TEXT, 300), bos_token="<|bos|>",
+                                        eos_token="<|eos|>", add_bos_token=add_bos, add_eos_token=False)
+    hf_v3(vocab_size=320).save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--to", "gguf"]) == 0
+    meta = fields(gguf.GGUFReader(str(tmp_path / "m.gguf")))
+    assert meta["tokenizer.ggml.add_bos_token"] is (tokenizer("x").input_ids[0] == tokenizer.bos_token_id) is add_bos
+    assert meta["tokenizer.ggml.add_eos_token"] is False
+    assert len(meta["tokenizer.ggml.tokens"]) == 320

@@ -72,6 +72,19 @@ def test_the_export_says_bos_as_we_train(exported):
     assert ids[0] == model.config.bos_token_id and ids.count(model.config.bos_token_id) == 1
 
 
+def test_a_prompt_of_ours_is_encoded_as_training_frames_a_document(exported):
+    """Our runs' rule (BOS first) is the data pipeline's framing (BOS ids EOS) without the closing EOS."""
+    from latentmoe.data.batching import encode_documents
+    from latentmoe.pretrained import load
+
+    root, model, hf_tokenizer, _ = exported
+    _, tokenizer = load(root / "run")
+    for text in PLAIN:
+        framed = encode_documents(tokenizer.tokenizer, [text]).tolist()
+        assert framed[-1] == model.config.eos_token_id
+        assert tokenizer.encode_prompt(text) == framed[:-1] == hf_tokenizer(text).input_ids
+
+
 @pytest.mark.parametrize("prompt", PLAIN)
 def test_our_export_generates_in_transformers_what_latentmoe_generate_prints(exported, capsys, prompt):
     root, _, hf_tokenizer, hf_model = exported
@@ -190,9 +203,10 @@ LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 @pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python is not installed (optional, built from source); "
                     "the GGUF file itself is checked in test_gguf.py")
 def test_our_gguf_generates_in_llama_cpp_what_latentmoe_generate_prints(exported, capsys, tmp_path):
-    """Token ids equal, and the text llama.cpp's detokeniser gives them (with U+FFFD for the bytes of an incomplete
-    UTF-8 character, which a random model emits, as our decoder writes them; llama-cpp-python's create_completion
-    drops such bytes and counts tokens differently, so its text is not what is compared)."""
+    """Plain prompts: token ids equal, and the text llama.cpp's detokeniser gives them (U+FFFD for the bytes of
+    an incomplete UTF-8 character, which a random model emits, as our decoder writes them; llama-cpp-python's
+    create_completion drops such bytes and counts tokens differently, so its text is not what is compared).
+    Chats: llama-cpp-python renders the file's chat template to the same prompt tokens and the same reply."""
     from llama_cpp import Llama
 
     from latentmoe.infer import Engine, SamplingParams
@@ -218,3 +232,15 @@ def test_our_gguf_generates_in_llama_cpp_what_latentmoe_generate_prints(exported
         assert theirs == mine.token_ids, prompt
         text = llm.detokenize([t for t in theirs if t != eos]).decode("utf-8", errors="replace")
         assert greedy(capsys, root / "run", prompt) == prompt + text
+    for content in CHATS:  # llama-cpp-python renders the file's chat template (ours, the default) itself
+        messages = [{"role": "user", "content": content}]
+        ids = tokenizer.encode_chat(messages)
+        mine = Engine(model, tokenizer).generate([ids], SamplingParams(max_tokens=NEW_TOKENS, temperature=0,
+                                                                       stop_token_ids=(eos,)))[0]
+        llm.reset()
+        reply = llm.create_chat_completion(messages, max_tokens=NEW_TOKENS, temperature=0.0, top_k=1)
+        assert reply["usage"]["prompt_tokens"] == len(ids)  # the same template, one BOS
+        assert reply["usage"]["completion_tokens"] == len(mine.token_ids)
+        # create_chat_completion drops the bytes of incomplete UTF-8 characters where we write U+FFFD
+        assert reply["choices"][0]["message"]["content"] == mine.text.replace("\ufffd", "")
+        assert greedy(capsys, root / "run", content, chat=True) == mine.text
