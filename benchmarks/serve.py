@@ -24,11 +24,12 @@ and over all gaps. The goal (the paper's reason to split the stages): decode ITL
 The peer. When ``llama_cpp`` (llama-cpp-python, an optional benchmark dependency built from source) and its
 server extras are importable, the same checkpoint is exported with ``latentmoe convert CKPT OUT.gguf --to gguf``
 (f32) and served by llama-cpp-python's OpenAI server (``python -m llama_cpp.server``, 2 threads, its default
-f16 KV cache); it gets the same load. Its server runs one request at a time (no continuous batching), so it is
-the baseline a single-stream engine gives. Prompts are windows of the shipped corpus sent as text (the server
-takes no token ids), so every server tokenises the same text with the same tokenizer; tokens are counted per
-streamed chunk (ours: the chunk's logprobs tokens; llama.cpp: one token per chunk). Without the peer, the
-benchmark says so and reports colocated vs disaggregated.
+f16 KV cache); it gets the same load. Its server runs one request at a time (no continuous batching; told not
+to interrupt a running request when another arrives), so it is the baseline a single-stream engine gives.
+Prompts are windows of the shipped corpus sent as text (the server takes no token ids), so every server
+tokenises the same text with the same tokenizer; tokens are counted per streamed chunk (ours: the chunk's
+logprobs tokens; llama.cpp: one token per chunk). Without the peer, the benchmark says so and reports
+colocated vs disaggregated.
 
 Honest limits. On 2 cores the disaggregated server has one core per worker while the colocated one uses both
 for every step, and the front end shares them too; a prefill burst then still competes for the CPU with the
@@ -129,8 +130,8 @@ def send(url: str, model: str, trace: Trace, *, peer: bool = False) -> None:
                 return
             if not payload.get("choices"):
                 continue
-            if peer:  # llama.cpp streams one token per chunk
-                n = 1
+            if peer:  # llama.cpp streams one token per chunk, then one that only carries the finish reason
+                n = int(payload["choices"][0].get("finish_reason") is None)
             else:
                 logprobs = payload["choices"][0].get("logprobs")
                 n = len(logprobs["tokens"]) if logprobs else 0
@@ -233,7 +234,8 @@ class PeerServer:
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host",
                                       "127.0.0.1", "--port", str(port), "--n_ctx", str(context), "--n_threads",
-                                      str(threads), "--n_threads_batch", str(threads), "--logits_all", "false"],
+                                      str(threads), "--n_threads_batch", str(threads), "--logits_all", "false",
+                                      "--interrupt_requests", "false"],  # queue, do not cut off, a running request
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
