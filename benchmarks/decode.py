@@ -208,10 +208,15 @@ def our_logits(model: CausalLM, ids: list[int], extra: int) -> tuple[torch.Tenso
 class LlamaCpp:
     """llama.cpp through llama-cpp-python's C API: one context per batch size, greedy over ``llama_decode``."""
 
+    _quiet = None  # the log callback (kept referenced while llama.cpp may call it)
+
     def __init__(self, path: Path, *, n_ctx: int, n_seq: int, threads: int, vocab: int):
         import llama_cpp as lc
 
         self.lc, self.vocab, self.n_seq = lc, vocab, n_seq
+        if LlamaCpp._quiet is None:
+            LlamaCpp._quiet = lc.llama_log_callback(lambda level, text, user_data: None)
+            lc.llama_log_set(LlamaCpp._quiet, ctypes.c_void_p())
         lc.llama_backend_init()
         mparams = lc.llama_model_default_params()
         self.model = lc.llama_model_load_from_file(str(path).encode(), mparams)
