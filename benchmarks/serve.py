@@ -21,12 +21,19 @@ prompt's prefill (from its arrival to its first token) — the stall disaggregat
 and over all gaps. The goal (the paper's reason to split the stages): decode ITL p99 under prefill bursts
 ≥ 2x lower disaggregated, at equal throughput.
 
+The peer. When ``llama_cpp`` (llama-cpp-python, an optional benchmark dependency built from source) and its
+server extras are importable, the same checkpoint is exported with ``latentmoe convert CKPT OUT.gguf --to gguf``
+(f32) and served by llama-cpp-python's OpenAI server (``python -m llama_cpp.server``, 2 threads, its default
+f16 KV cache); it gets the same load. Its server runs one request at a time (no continuous batching), so it is
+the baseline a single-stream engine gives. Prompts are windows of the shipped corpus sent as text (the server
+takes no token ids), so every server tokenises the same text with the same tokenizer; tokens are counted per
+streamed chunk (ours: the chunk's logprobs tokens; llama.cpp: one token per chunk). Without the peer, the
+benchmark says so and reports colocated vs disaggregated.
+
 Honest limits. On 2 cores the disaggregated server has one core per worker while the colocated one uses both
 for every step, and the front end shares them too; a prefill burst then still competes for the CPU with the
 decode worker, so the separation is only as good as the cores are free. Absolute figures on a shared
-machine are noise; rerun on a quiet one. The peer the issue names — llama-cpp-python's OpenAI server on the
-same weights — needs a GGUF export of our checkpoints, which does not exist yet: the peer is reported
-absent and the comparison is colocated vs disaggregated ``latentmoe serve``, same load, same run.
+machine are noise; rerun on a quiet one.
 
 Writes benchmarks/results/serve.json (+ serve.png: ITL distributions under bursts).
 """
@@ -38,6 +45,7 @@ import http.client
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import tempfile
@@ -57,15 +65,17 @@ THROUGHPUT_TOLERANCE = 0.10  # "equal throughput": within 10 %
 START_TIMEOUT_S = 600
 REQUEST_TIMEOUT_S = 600
 MS = 1000.0
-PEER_ABSENT = ("llama-cpp-python server on the same weights: absent (no GGUF export of latentmoe checkpoints "
-               "exists yet; the llama_cpp wheel alone cannot load our safetensors)")
+CORPUS_FILES = ("romeo_and_juliet.txt", "hamlet.txt")
+PEER_ABSENT = ("llama-cpp-python server: absent (pip install llama-cpp-python==0.3.36 sse-starlette "
+               "starlette-context pydantic-settings; it compiles llama.cpp, several minutes)")
+PEER_NAME = "llama-cpp-python {version} OpenAI server on our GGUF export (f32 weights, 2 threads)"
 
 
 @dataclass
 class Planned:
     at: float
     kind: str  # "decode" | "long"
-    prompt_ids: list[int]
+    prompt: str
     max_tokens: int
 
 
@@ -79,8 +89,8 @@ class Trace:
 
 
 def plan_load(*, seed: int, duration: float, rate: float, long_fraction: float, context: int,
-              vocab: int) -> list[Planned]:
-    """The arrival schedule, a pure function of its arguments."""
+              corpus_ids: list[int], decode) -> list[Planned]:
+    """The arrival schedule, a pure function of its arguments: prompts are windows of ``corpus_ids`` (decoded)."""
     rng = random.Random(seed)
     t, out = 0.0, []
     while True:
@@ -92,14 +102,17 @@ def plan_load(*, seed: int, duration: float, rate: float, long_fraction: float, 
         else:
             n = rng.randint(128, 256) if rng.random() < 0.25 else rng.randint(8, 64)
             max_tokens, kind = rng.randint(48, 96), "decode"
-        out.append(Planned(t, kind, [0] + [rng.randrange(3, vocab) for _ in range(n - 1)], max_tokens))
+        start = rng.randrange(0, len(corpus_ids) - n)
+        out.append(Planned(t, kind, decode(corpus_ids[start:start + n]), max_tokens))
 
 
-def send(url: str, model: str, trace: Trace) -> None:
+def send(url: str, model: str, trace: Trace, *, peer: bool = False) -> None:
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=REQUEST_TIMEOUT_S)
-    body = {"model": model, "prompt": trace.planned.prompt_ids, "max_tokens": trace.planned.max_tokens,
-            "temperature": 0, "stream": True, "logprobs": 0}  # logprobs: the tokens each chunk carries
+    body = {"model": model, "prompt": trace.planned.prompt, "max_tokens": trace.planned.max_tokens,
+            "temperature": 0, "stream": True}
+    if not peer:
+        body["logprobs"] = 0  # the tokens each of our chunks carries (a speculative chunk brings several)
     try:
         trace.sent = time.perf_counter()
         conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
@@ -114,17 +127,24 @@ def send(url: str, model: str, trace: Trace) -> None:
             if "error" in payload:
                 trace.error = payload["error"]["message"]
                 return
-            logprobs = payload["choices"][0].get("logprobs") if payload["choices"] else None
-            if logprobs and logprobs["tokens"]:
-                trace.chunks.append((time.perf_counter(), len(logprobs["tokens"])))
-                trace.tokens += len(logprobs["tokens"])
+            if not payload.get("choices"):
+                continue
+            if peer:  # llama.cpp streams one token per chunk
+                n = 1
+            else:
+                logprobs = payload["choices"][0].get("logprobs")
+                n = len(logprobs["tokens"]) if logprobs else 0
+            if n:
+                trace.chunks.append((time.perf_counter(), n))
+                trace.tokens += n
     except OSError as exc:
         trace.error = str(exc)
     finally:
         conn.close()
 
 
-def run_load(url: str, model: str, schedule: list[Planned]) -> tuple[list[Trace], float, float]:
+def run_load(url: str, model: str, schedule: list[Planned], *, peer: bool = False
+             ) -> tuple[list[Trace], float, float]:
     traces = [Trace(p) for p in schedule]
     threads = []
     start = time.perf_counter()
@@ -132,7 +152,7 @@ def run_load(url: str, model: str, schedule: list[Planned]) -> tuple[list[Trace]
         delay = start + trace.planned.at - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        thread = threading.Thread(target=send, args=(url, model, trace), daemon=True)
+        thread = threading.Thread(target=send, args=(url, model, trace), kwargs={"peer": peer}, daemon=True)
         thread.start()
         threads.append(thread)
     for thread in threads:
@@ -205,20 +225,78 @@ class Server:
             self.proc.kill()
 
 
-def make_checkpoint(root: Path) -> tuple[str, int, int]:
+class PeerServer:
+    """llama-cpp-python's OpenAI server on a GGUF file, as a subprocess on a free port of 127.0.0.1."""
+
+    def __init__(self, gguf: Path, *, context: int, threads: int):
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host",
+                                      "127.0.0.1", "--port", str(port), "--n_ctx", str(context), "--n_threads",
+                                      str(threads), "--n_threads_batch", str(threads), "--logits_all", "false"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited with {self.proc.returncode}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/v1/models")
+                if conn.getresponse().status == 200:
+                    self.line = f"llama_cpp.server {gguf.name} on {self.url}"
+                    return
+            except OSError:
+                time.sleep(0.5)
+        self.proc.kill()
+        raise RuntimeError("llama_cpp.server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def peer_version() -> str | None:
+    """llama-cpp-python's version when it and its server extras are importable, else None."""
+    try:
+        import llama_cpp
+        import llama_cpp.server.app  # noqa: F401  (the server extras: sse_starlette, starlette_context, ...)
+    except ImportError:
+        return None
+    return llama_cpp.__version__
+
+
+def export_gguf(checkpoint: str, out: Path) -> Path:
+    """``latentmoe convert CHECKPOINT OUT.gguf --to gguf`` (f32) — the command a user runs."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "latentmoe", "convert", checkpoint, str(out), "--to", "gguf",
+                    "--dtype", "f32"], check=True, env=env, stdout=subprocess.DEVNULL)
+    return out
+
+
+def make_checkpoint(root: Path) -> str:
     import torch
 
     from latentmoe import CausalLM, ModelConfig
     from latentmoe.checkpoint import save_checkpoint
     from latentmoe.data.tokenizer import train_tokenizer
 
+    root.mkdir()
     text = (REPO / "latentmoe/data/corpus/romeo_and_juliet.txt").read_text(encoding="utf-8")[:60_000]
     config = ModelConfig.from_preset("small")
     tokenizer = train_tokenizer(text, vocab_size=config.vocab_size)
     torch.manual_seed(SEED)
     save_checkpoint(root, 1, CausalLM(config), None, {}, config)
     tokenizer.save(str(root / "tokenizer.json"))
-    return str(root), config.max_position_embeddings, config.vocab_size
+    return str(root)
 
 
 def plot(results: dict[str, dict], path: Path) -> None:
@@ -252,26 +330,33 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=16)
     args = ap.parse_args()
 
+    version = peer_version()
     with tempfile.TemporaryDirectory(prefix="latentmoe-serve-bench-") as tmp:
-        if args.checkpoint is None:
-            checkpoint, context, vocab = make_checkpoint(Path(tmp))
-        else:
-            from latentmoe.checkpoint import load_config, resolve_checkpoint
+        checkpoint = make_checkpoint(Path(tmp) / "ckpt") if args.checkpoint is None else args.checkpoint
+        from latentmoe.checkpoint import load_config, resolve_checkpoint
+        from latentmoe.pretrained import load_tokenizer
 
-            checkpoint = args.checkpoint
-            config = load_config(resolve_checkpoint(checkpoint))
-            context, vocab = config.max_position_embeddings, config.vocab_size
+        context = load_config(resolve_checkpoint(checkpoint)).max_position_embeddings
+        tokenizer = load_tokenizer(checkpoint)
+        corpus = "\n".join((REPO / "latentmoe/data/corpus" / name).read_text(encoding="utf-8")
+                           for name in CORPUS_FILES)
         schedule = plan_load(seed=SEED, duration=args.duration, rate=args.rate, long_fraction=args.long_fraction,
-                             context=context, vocab=vocab)
+                             context=context, corpus_ids=tokenizer.encode(corpus).ids, decode=tokenizer.decode)
         common = ["--no-speculative", "--max-batch", str(args.max_batch), "--max-queued", "1024",
                   "--cache-memory", "1GiB"]
         modes = {"colocated": common, "disaggregated": [*common, "--disaggregate", "--worker-threads", "1"]}
+        if version is not None:
+            modes["llama.cpp"] = None
         results, lines = {}, {}
         for mode, extra in modes.items():
-            server = Server(checkpoint, extra)
+            if extra is None:
+                server = PeerServer(export_gguf(checkpoint, Path(tmp) / "model.gguf"), context=context,
+                                    threads=os.cpu_count() or 1)
+            else:
+                server = Server(checkpoint, extra)
             try:
-                run_load(server.url, checkpoint, schedule[:2])  # warm-up
-                traces, start, end = run_load(server.url, checkpoint, schedule)
+                run_load(server.url, checkpoint, schedule[:2], peer=extra is None)  # warm-up
+                traces, start, end = run_load(server.url, checkpoint, schedule, peer=extra is None)
             finally:
                 server.stop()
             results[mode] = summarize(traces, start, end)
@@ -286,7 +371,7 @@ def main() -> int:
     equal = abs(throughput_ratio - 1) <= THROUGHPUT_TOLERANCE
     load = os.getloadavg()
     note = (f"load average at the end {load[0]:.1f} on {os.cpu_count()} cores (shared machine: timings are noise "
-            f"unless it is quiet); {PEER_ABSENT}")
+            f"unless it is quiet)" + ("" if version else f"; {PEER_ABSENT}"))
     peer_name = "colocated latentmoe serve, same load, same run"
     cases = [
         {"case": "decode ITL p99 during prefill bursts", "metric": "inter-token latency p99 ms (lower is better)",
@@ -304,9 +389,8 @@ def main() -> int:
         {"case": "TTFT p50 of decoding requests", "metric": "time to first token p50 ms (lower is better)",
          "ours": dis["ttft_p50_ms"], "peer": co["ttft_p50_ms"], "peer_name": peer_name,
          "ratio": _ratio(co["ttft_p50_ms"], dis["ttft_p50_ms"])},
-        {"case": "llama-cpp-python OpenAI server", "metric": "n/a", "ours": None, "peer": None,
-         "peer_name": PEER_ABSENT, "ratio": None},
     ]
+    cases += peer_cases(results, version)
     for case in cases:
         case["note"] = note
     details = {m: {k: v for k, v in r.items() if not k.startswith("_")} | {"server": lines[m]}
@@ -319,6 +403,27 @@ def main() -> int:
           f"-> {ratio if ratio is None else round(ratio, 2)}x; throughput ratio {throughput_ratio:.2f}; {note}")
     print(f"wrote {path}")
     return 0
+
+
+def peer_cases(results: dict[str, dict], version: str | None) -> list[dict]:
+    """Our colocated server against llama.cpp's on the same load (ratios: higher is better for us)."""
+    if version is None:
+        return [{"case": "llama-cpp-python OpenAI server", "metric": "n/a", "ours": None, "peer": None,
+                 "peer_name": PEER_ABSENT, "ratio": None}]
+    co, peer, name = results["colocated"], results["llama.cpp"], PEER_NAME.format(version=version)
+    return [
+        {"case": "output throughput vs llama.cpp server", "metric": "tokens/s", "ours": co["throughput_tokens_per_s"],
+         "peer": peer["throughput_tokens_per_s"], "peer_name": name,
+         "ratio": _ratio(co["throughput_tokens_per_s"], peer["throughput_tokens_per_s"])},
+        {"case": "TTFT p50 vs llama.cpp server", "metric": "time to first token p50 ms (lower is better)",
+         "ours": co["ttft_p50_ms"], "peer": peer["ttft_p50_ms"], "peer_name": name,
+         "ratio": _ratio(peer["ttft_p50_ms"], co["ttft_p50_ms"])},
+        {"case": "ITL p50 vs llama.cpp server", "metric": "inter-token latency p50 ms (lower is better)",
+         "ours": co["itl_p50_ms"], "peer": peer["itl_p50_ms"], "peer_name": name,
+         "ratio": _ratio(peer["itl_p50_ms"], co["itl_p50_ms"])},
+        {"case": "errors", "metric": "failed requests", "ours": co["errors"], "peer": peer["errors"],
+         "peer_name": name, "ratio": None},
+    ]
 
 
 def _ratio(peer: float | None, ours: float | None) -> float | None:

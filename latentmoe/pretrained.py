@@ -41,8 +41,10 @@ def check_vocabulary(tokenizer, vocab_size: int, source: Path) -> None:
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer :func:`load` would return for ``path``, without reading any weights (a server front end
     that tokenizes while worker processes hold the model). CheckpointError / HFCheckpointError as ``load``."""
+    from latentmoe.checkpoint import load_config
     from latentmoe.hf import is_hf_checkpoint
     from latentmoe.hf import load_tokenizer as load_hf_tokenizer
+    from latentmoe.hf.tokenizer import load_run_tokenizer
 
     path = Path(path)
     if is_hf_checkpoint(path):
@@ -50,7 +52,8 @@ def load_tokenizer(path: str | os.PathLike):
         if tokenizer is None:
             raise HFCheckpointError(f"no {TOKENIZER_FILE} in {path}")
         return tokenizer
-    return find_tokenizer(resolve_checkpoint(path))
+    ckpt = resolve_checkpoint(path)
+    return load_run_tokenizer(ckpt, config=load_config(ckpt)) or find_tokenizer(ckpt)
 
 
 def load(
@@ -79,8 +82,9 @@ def load(
     from latentmoe.hf.tokenizer import load_run_tokenizer
 
     ckpt = resolve_checkpoint(path)
-    tokenizer = load_run_tokenizer(ckpt) or find_tokenizer(ckpt)  # with its chat template when the run has one
     model, _ = load_model(ckpt, device=target, dtype=dtype)
+    # an HFTokenizer with our prompt rule (BOS first) and the run's chat template when it has one
+    tokenizer = load_run_tokenizer(ckpt, config=model.config) or find_tokenizer(ckpt)
     check_finite(model, ckpt)
     check_vocabulary(tokenizer, model.config.vocab_size, ckpt)
     return model, tokenizer

@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=field_type(s, "seed"), default=None)
     p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=False,
                    help="MTP speculative decoding: the MTP module(s) draft, the model verifies (default: off)")
+    p.add_argument("--chat", action="store_true",
+                   help="each prompt is a user message, rendered with the checkpoint's chat template (or the "
+                   "default one) and answered; the template decides about BOS")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="decode and verify through the torch.compile'd static-shape step (first use of each batch/"
                         "cache bucket compiles, cached on disk by inductor; falls back to eager, saying why, where "
@@ -91,19 +94,27 @@ def run(args: argparse.Namespace) -> int:
     params = dataclasses.replace(params, stop_token_ids=() if eos is None else (eos,))
     engine = Engine(model, tokenizer, cache_dtype=args.cache_dtype, max_batch=max(1, min(len(prompts), MAX_BATCH)),
                     cache_memory_bytes=args.cache_memory, compile=args.compile)
+    shown = prompts
+    if args.chat:  # token ids from the chat template; what is printed is the reply alone
+        from latentmoe.serve.prompts import encode_chat
+
+        config = model.config
+        prompts = [encode_chat(tokenizer, [{"role": "user", "content": text}], bos_token_id=config.bos_token_id,
+                               eos_token_id=config.eos_token_id) for text in prompts]
+        shown = [""] * len(prompts)
     for prompt in prompts:  # bad input fails here, before anything is printed
         engine.new_request(prompt, params, speculative=args.speculative)
     print(f"cache: {engine.pool.describe()}", file=sys.stderr)
     t0 = time.perf_counter()
     if args.stream:
-        print(args.prompt, end="", flush=True)
-        for event in engine.stream(args.prompt, params, speculative=args.speculative):
+        print(shown[0], end="", flush=True)
+        for event in engine.stream(prompts[0], params, speculative=args.speculative):
             print(event.new_text, end="", flush=True)
         print()
         results = [event.result]
     else:
         results = engine.generate(prompts, params, speculative=args.speculative)
-        for i, (prompt, result) in enumerate(zip(prompts, results, strict=True)):
+        for i, (prompt, result) in enumerate(zip(shown, results, strict=True)):
             print(("\n" if i else "") + prompt + result.text)
     elapsed = time.perf_counter() - t0
     generated = sum(r.stats.generated_tokens for r in results)

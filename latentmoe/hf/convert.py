@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from latentmoe.checkpoint import CheckpointError, find_tokenizer, load_model, resolve_checkpoint, save_checkpoint
+from latentmoe.checkpoint import CheckpointError, load_model, resolve_checkpoint, save_checkpoint
 from latentmoe.checkpoint.layout import STATE_FILE
 from latentmoe.hf.errors import HFCheckpointError
 from latentmoe.hf.files import is_hf_checkpoint
@@ -126,7 +126,7 @@ def convert(
         ckpt = resolve_checkpoint(src)
         model, _ = load_model(ckpt, device=device)
         dtype = dtype or model.lm_head.weight.dtype
-        tokenizer = load_run_tokenizer(ckpt) or find_tokenizer(ckpt, required=False)  # keeps a chat template
+        tokenizer = load_run_tokenizer(ckpt, config=model.config)  # our prompt rule, and a chat template if any
     if to == GGUF:
         if tokenizer is None:
             raise HFCheckpointError(f"{src}: has no tokenizer.json; a GGUF file needs the tokenizer")

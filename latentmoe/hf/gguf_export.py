@@ -41,6 +41,7 @@ import torch
 from tokenizers import Tokenizer
 
 from latentmoe.config import ModelConfig
+from latentmoe.data.tokenizer import PAD_TOKEN
 from latentmoe.hf.errors import HFCheckpointError
 from latentmoe.hf.tokenizer import HFTokenizer, as_hf_tokenizer, chat_template_of
 from latentmoe.io import DestinationError, atomic_path, check_file_destination, one_line
@@ -54,7 +55,6 @@ GGUF_SUFFIX = ".gguf"
 # tokenizers' ByteLevel(use_regex=True) applies.
 TOKENIZER_MODEL = "gpt2"
 TOKENIZER_PRE = "gpt-2"
-PAD_TOKEN_TEXT = "<|pad|>"
 TOPK_GREEDY = "greedy"
 TOPK_GROUP_MAX = "group_limited_greedy"
 
@@ -177,7 +177,7 @@ def gguf_vocab(tokenizer: HFTokenizer | Tokenizer, config: ModelConfig) -> GGUFV
 
     pad = special("pad_token")
     if pad is None:
-        pad = tok.tokenizer.token_to_id(PAD_TOKEN_TEXT)
+        pad = tok.tokenizer.token_to_id(PAD_TOKEN)
     return GGUFVocab(
         tokens=[t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)],
         token_types=types,

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from latentmoe.device import available_memory_bytes, resolve_device
+from latentmoe.hf.tokenizer import encode_prompt
 from latentmoe.infer.cache_budget import CachePool, default_cache_budget, size_cache_pool
 from latentmoe.infer.handoff import PrefillHandoff
 from latentmoe.infer.output import (
@@ -393,9 +394,7 @@ class Engine:
                 raise ValueError("prompt: the prompt is empty")
             if self.tokenizer is None:
                 raise ValueError("prompt: a string prompt needs a tokenizer (or pass token ids)")
-            ids = list(self.tokenizer.encode(prompt).ids)
-            bos = self.config.bos_token_id
-            return [bos, *ids] if bos is not None else ids
+            return encode_prompt(self.tokenizer, prompt, bos_token_id=self.config.bos_token_id)
         ids = [int(t) for t in prompt]
         if not ids:
             raise ValueError("prompt: the prompt is empty")

@@ -53,9 +53,9 @@ def generate(model: CausalLM, prompt_ids: Sequence[int], params: SamplingParams)
 
 
 def generate_text(model: CausalLM, tokenizer, prompt: str, params: SamplingParams) -> str:
-    """Encode ``prompt`` (with the BOS token the training documents start with), generate, decode."""
-    bos = model.config.bos_token_id
-    ids = tokenizer.encode(prompt).ids
-    if bos is not None:
-        ids = [bos, *ids]
+    """Encode ``prompt`` (latentmoe.hf.tokenizer.encode_prompt: the tokenizer's rule, BOS for ours), generate,
+    decode."""
+    from latentmoe.hf.tokenizer import encode_prompt
+
+    ids = encode_prompt(tokenizer, prompt, bos_token_id=model.config.bos_token_id)
     return tokenizer.decode(generate(model, ids, params))

@@ -49,7 +49,7 @@ from latentmoe.io import BYTES_PER_MIB
 from latentmoe.serve import protocol as p
 from latentmoe.serve.backend import Backend, BackendSnapshot
 from latentmoe.serve.metrics import CONTENT_TYPE, ServerMetrics
-from latentmoe.serve.prompts import encode_prompt, render_chat, token_text
+from latentmoe.serve.prompts import encode_chat, encode_prompt, token_text
 
 log = logging.getLogger(__name__)
 
@@ -448,11 +448,11 @@ def create_app(backend: Backend | None, *, api_key: str | None = None,
                     for m in req.messages]
 
         def encode() -> list[int]:
-            try:
-                text = render_chat(tokenizer, messages)
+            try:  # the chat template decides about BOS (prompts.py)
+                return encode_chat(tokenizer, messages, bos_token_id=info.bos_token_id,
+                                   eos_token_id=info.eos_token_id)
             except ValueError as exc:
                 raise p.APIError(400, f"messages: {exc}", param="messages") from None
-            return encode_prompt(tokenizer, text, info.bos_token_id)
 
         ids = await run_in_threadpool(encode)
         check_context(info, len(ids), param="messages")

@@ -1,17 +1,16 @@
 """From an API request to token ids: chat templates, BOS, and token texts for log-probabilities.
 
-**Chat templates.** A Hugging Face checkpoint's ``tokenizer_config.json`` (or ``chat_template.jinja``) template
-is rendered in jinja2's sandbox with its special tokens (``latentmoe.hf.tokenizer``). Checkpoints trained here
-have a bare ``tokenizers.Tokenizer`` and no template: they are base models trained on plain text, so the
-default template, :data:`DEFAULT_CHAT_TEMPLATE`, writes the messages' contents one per line, in order, and
-nothing else — the model continues the last message's text::
+Both rules live in latentmoe.hf.tokenizer, once, for every path (engine, server, ``generate``, ``eval``):
 
-    [{"role": "system", "content": "A play."}, {"role": "user", "content": "ROMEO:"}]   ->   "A play.\\nROMEO:"
+- **Completions** (a string prompt): :func:`latentmoe.hf.tokenizer.encode_prompt` — the tokenizer's own
+  configuration decides BOS/EOS (its tokenizer.json post-processor, else tokenizer_config.json's
+  ``add_bos_token``/``add_eos_token``; our own runs put BOS first, as training frames documents). A served
+  completion therefore equals ``Engine.generate`` on the same text, and transformers / llama.cpp on our exports.
+- **Chat** (messages): the checkpoint's chat template, else :data:`latentmoe.hf.tokenizer.DEFAULT_CHAT_TEMPLATE`
+  (the one default, also used by ``train --sft``), rendered in jinja2's sandbox with the tokenizer's special
+  tokens and tokenised as it stands — the template decides about BOS, so it is never doubled.
 
-**BOS.** A prompt's ids are ``[bos_token_id, *encode(text)]`` — what ``Engine`` does with a string prompt,
-so a served completion equals ``Engine.generate`` on the same text — unless the rendered text already begins
-with the BOS token (templates that write ``{{ bos_token }}``), which is not doubled. Token-id prompts are
-taken as given.
+Token-id prompts are taken as given.
 """
 
 from __future__ import annotations
@@ -19,34 +18,47 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-DEFAULT_CHAT_TEMPLATE = (  # the newline is an expression: trim_blocks would eat one written after a tag
-    "{% for message in messages %}{{ '\\n' if not loop.first else '' }}{{ message['content'] }}{% endfor %}"
-)
+from tokenizers import Tokenizer
+
+from latentmoe.hf.tokenizer import HFTokenizer, as_hf_tokenizer, chat_template_of, render_chat_template
+from latentmoe.hf.tokenizer import encode_prompt as _encode_prompt
 
 
-def chat_template(tokenizer) -> tuple[str, dict[str, str], bool]:
-    """``(template, special tokens, is_default)`` for ``tokenizer``: its own template when it has one."""
-    own = getattr(tokenizer, "chat_template", None)
-    if own:
-        return own, dict(getattr(tokenizer, "special_tokens", {}) or {}), False
-    return DEFAULT_CHAT_TEMPLATE, {}, True
+def chat_tokenizer(tokenizer, *, bos_token_id: int | None, eos_token_id: int | None):
+    """``tokenizer`` as an :class:`HFTokenizer` (a bare one gets the model's BOS/EOS as its special tokens);
+    a stand-in that is neither is returned as it is."""
+    if isinstance(tokenizer, Tokenizer):
+        return as_hf_tokenizer(tokenizer, config=_Specials(bos_token_id, eos_token_id))
+    return tokenizer
 
 
-def render_chat(tokenizer, messages: Sequence[dict[str, Any]]) -> str:
+class _Specials:
+    def __init__(self, bos_token_id: int | None, eos_token_id: int | None):
+        self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
+
+
+def render_chat(tokenizer, messages: Sequence[dict[str, Any]], *, bos_token_id: int | None = None,
+                eos_token_id: int | None = None) -> str:
     """The prompt text of a conversation, with the generation prompt added (ValueError from a template that
     refuses the conversation, e.g. roles out of order)."""
-    from latentmoe.hf.tokenizer import render_chat_template
+    tok = chat_tokenizer(tokenizer, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    if isinstance(tok, HFTokenizer):
+        return tok.render_chat(list(messages), add_generation_prompt=True)
+    template, _ = chat_template_of(None)
+    return render_chat_template(template, list(messages), add_generation_prompt=True, bos_token="", eos_token="")
 
-    template, specials, _ = chat_template(tokenizer)
-    return render_chat_template(template, list(messages), add_generation_prompt=True, **specials)
+
+def encode_chat(tokenizer, messages: Sequence[dict[str, Any]], *, bos_token_id: int | None,
+                eos_token_id: int | None) -> list[int]:
+    """The ids of a conversation: rendered by :func:`render_chat`, tokenised without adding anything."""
+    text = render_chat(tokenizer, messages, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    tok = chat_tokenizer(tokenizer, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    return list(tok.encode(text).ids)
 
 
 def encode_prompt(tokenizer, text: str, bos_token_id: int | None) -> list[int]:
-    """``[bos, *ids]`` for ``text`` (see the module docstring)."""
-    ids = list(tokenizer.encode(text).ids)
-    if bos_token_id is None or (ids and ids[0] == bos_token_id):
-        return ids
-    return [bos_token_id, *ids]
+    """The ids of a plain (completion) prompt: :func:`latentmoe.hf.tokenizer.encode_prompt`."""
+    return _encode_prompt(tokenizer, text, bos_token_id=bos_token_id)
 
 
 def token_text(tokenizer, token_id: int) -> str:

@@ -193,6 +193,7 @@ def evaluate_checkpoint(
     from latentmoe.data.shards import DatasetError, is_dataset_dir
     from latentmoe.data.sources import iter_documents
     from latentmoe.data.tokenizer import token_byte_lengths
+    from latentmoe.hf.tokenizer import encode_prompt
     from latentmoe.pretrained import load
 
     model, tokenizer = load(checkpoint, device=device, dtype=dtype)
@@ -219,10 +220,11 @@ def evaluate_checkpoint(
         if split is not None:
             raise ValueError("--split applies to a prepared dataset; raw files are evaluated whole")
         pieces = []
-        bos, eos = config.bos_token_id, config.eos_token_id
+        eos = config.eos_token_id
         for document in iter_documents(paths, text_field=text_field):
-            ids = inner.encode(document.text, add_special_tokens=False).ids
-            pieces.append(torch.tensor([*([bos] if bos is not None else []), *ids, *([eos] if eos is not None else [])],
+            # a document is scored as a prompt is encoded (the tokenizer's rule: BOS first for ours), then EOS
+            ids = encode_prompt(tokenizer, document.text, bos_token_id=config.bos_token_id)
+            pieces.append(torch.tensor([*ids, *([eos] if eos is not None and ids[-1:] != [eos] else [])],
                                        dtype=torch.int64))
         stream = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int64)
         if stream.numel() < seq_len:

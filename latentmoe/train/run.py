@@ -32,7 +32,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -44,9 +43,8 @@ from latentmoe.data.dataset import SAMPLING_MODES, TokenDataset
 from latentmoe.data.prepare import prepare_shipped_corpus
 from latentmoe.data.shards import DatasetError
 from latentmoe.data.sources import DataSourceError
-from latentmoe.data.tokenizer import PAD_TOKEN
 from latentmoe.device import resolve_device
-from latentmoe.hf.tokenizer import HFTokenizer, chat_template_of, load_tokenizer, render_chat_template
+from latentmoe.hf.tokenizer import HFTokenizer, as_hf_tokenizer, chat_template_of, load_tokenizer
 from latentmoe.hf.tokenizer import tokenizer_config_text as hf_tokenizer_config_text
 from latentmoe.io import atomic_path, write_text_atomic
 from latentmoe.train.config import TrainConfig
@@ -256,15 +254,9 @@ def _check_fit(dataset: TokenDataset, config: ModelConfig, tokenizer: HFTokenize
 
 
 def _bare(tokenizer, config: ModelConfig) -> HFTokenizer:
-    """Our trained BPE as an HFTokenizer whose special tokens are the config's BOS/EOS (and our pad token)."""
-    specials = {
-        key: text
-        for key, token_id in (("bos_token", config.bos_token_id), ("eos_token", config.eos_token_id))
-        if token_id is not None and (text := tokenizer.id_to_token(token_id)) is not None
-    }
-    if tokenizer.token_to_id(PAD_TOKEN) is not None:
-        specials["pad_token"] = PAD_TOKEN
-    return HFTokenizer(tokenizer, special_tokens=specials)
+    """Our trained BPE as an HFTokenizer whose special tokens are the config's BOS/EOS (and our pad token), with
+    our prompt rule: BOS first, as documents are framed (latentmoe.hf.tokenizer)."""
+    return as_hf_tokenizer(tokenizer, config=config)
 
 
 def _run_tokenizer(out_dir: Path, config: ModelConfig) -> HFTokenizer | None:
@@ -278,13 +270,9 @@ def _run_tokenizer(out_dir: Path, config: ModelConfig) -> HFTokenizer | None:
 
 
 def _read_chat(path, tokenizer: HFTokenizer, config: ModelConfig, *, val_fraction: float) -> ChatDataset:
-    template, is_default = chat_template_of(tokenizer)
-    variables: dict[str, Any] = dict(tokenizer.special_tokens)
-    variables.setdefault("bos_token", "")
-    variables.setdefault("eos_token", "")
-
-    def render(messages, *, add_generation_prompt: bool) -> str:
-        return render_chat_template(template, messages, add_generation_prompt=add_generation_prompt, **variables)
+    _, is_default = chat_template_of(tokenizer)
+    # the server's and generate --chat's rule (latentmoe.hf.tokenizer): the template rendered, tokenised as it is
+    render = tokenizer.render_chat
 
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text).ids
@@ -358,7 +346,8 @@ def _save_tokenizer(out_dir: Path, tokenizer: HFTokenizer, *, chat_template: str
         tokenizer.tokenizer.save(str(tmp))
     claim_run_file(out_dir, TOKENIZER_FILE, kind=kind)
     saved = HFTokenizer(tokenizer.tokenizer, chat_template=chat_template or tokenizer.chat_template,
-                        special_tokens=tokenizer.special_tokens, model_max_length=tokenizer.model_max_length)
+                        special_tokens=tokenizer.special_tokens, model_max_length=tokenizer.model_max_length,
+                        add_bos_token=tokenizer.add_bos_token, add_eos_token=tokenizer.add_eos_token)
     write_text_atomic(out_dir / TOKENIZER_CONFIG_FILE, hf_tokenizer_config_text(saved))
     claim_run_file(out_dir, TOKENIZER_CONFIG_FILE, kind=kind)
 

@@ -167,11 +167,17 @@ LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 LLAMA_CPP_REASON = ("llama-cpp-python is not installed (optional: build it from source, see docs/hf.md); "
                     "the GGUF file is still checked against gguf's reader above")
 LOGITS_TOLERANCE = 1e-4
+GGML_TYPE_F32 = 0  # ggml_type of float32 (llama.cpp type_k / type_v)
+
+
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 1.0}
 
 
 @pytest.mark.skipif(not LLAMA_CPP, reason=LLAMA_CPP_REASON)
-@pytest.mark.parametrize("variant", [{}, {"q_lora_rank": 0}, {"scoring_func": "softmax", "topk_method": "greedy",
-                                                              "norm_topk_prob": False, "routed_scaling_factor": 1.0}])
+@pytest.mark.parametrize("variant", [{}, {"q_lora_rank": 0}, {"rope_scaling": YARN},
+                                     {"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False,
+                                      "routed_scaling_factor": 1.0}], ids=["v3", "no_q_lora", "yarn", "softmax"])
 def test_llama_cpp_logits_on_our_gguf_equal_ours(tmp_path, variant):
     from llama_cpp import Llama
 
@@ -182,9 +188,29 @@ def test_llama_cpp_logits_on_our_gguf_equal_ours(tmp_path, variant):
     out = tmp_path / "m.gguf"
     assert main(["convert", str(tmp_path / "run"), str(out), "--to", "gguf", "--dtype", "f32"]) == 0
     ids = [model.config.bos_token_id, *tokenizer.encode("To be, or not to be, that is the question").ids]
-    llm = Llama(model_path=str(out), n_ctx=64, n_batch=64, n_threads=1, logits_all=True, verbose=False)
+    # f32 KV cache (llama.cpp defaults to f16 there): the comparison is of the same function in fp32
+    llm = Llama(model_path=str(out), n_ctx=64, n_batch=64, n_threads=1, logits_all=True, verbose=False,
+                type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
     llm.eval(ids)
     theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
     with torch.no_grad():
         mine = model(torch.tensor([ids])).logits[0]
     assert rel_err(theirs, mine) <= LOGITS_TOLERANCE
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_a_hugging_face_directory_exports_with_its_own_prompt_rule(tmp_path, add_bos, capsys):
+    """transformers writes add_bos_token into tokenizer.json's post-processor; the GGUF says the same."""
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.hf.helpers import hf_v3
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(TEXT, 300), bos_token="<|bos|>",
+                                        eos_token="<|eos|>", add_bos_token=add_bos, add_eos_token=False)
+    hf_v3(vocab_size=320).save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.gguf"), "--to", "gguf"]) == 0
+    meta = fields(gguf.GGUFReader(str(tmp_path / "m.gguf")))
+    assert meta["tokenizer.ggml.add_bos_token"] is (tokenizer("x").input_ids[0] == tokenizer.bos_token_id) is add_bos
+    assert meta["tokenizer.ggml.add_eos_token"] is False
+    assert len(meta["tokenizer.ggml.tokens"]) == 320

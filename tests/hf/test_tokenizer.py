@@ -106,3 +106,64 @@ def test_template_errors_are_value_errors():
 
 def test_directory_without_tokenizer_has_none(tmp_path):
     assert load_tokenizer(tmp_path) is None
+
+
+# ------------------------------------------------------------------------------- the prompt-encoding rule
+
+
+def rule_dir(tmp_path, *, post: str | None, flags: dict) -> object:
+    """A checkpoint tokenizer over a BPE trained here (<|bos|> = 0, <|eos|> = 1): tokenizer.json with the given
+    TemplateProcessing post-processor (or none) and tokenizer_config.json with ``flags``."""
+    from tokenizers import processors
+
+    tok = train_tokenizer(TEXT, 300)
+    if post is not None:
+        tok.post_processor = processors.TemplateProcessing(single=post, special_tokens=[("<|bos|>", 0), ("<|eos|>", 1)])
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|bos|>", "eos_token": "<|eos|>",
+                                                                **flags}))
+    return load_tokenizer(tmp_path), tok.encode("To be", add_special_tokens=False).ids
+
+
+@pytest.mark.parametrize(("post", "flags", "head", "tail"), [
+    (None, {}, [], []),                                                  # nothing stated: nothing added
+    (None, {"add_bos_token": True}, [0], []),                            # the flags, without a post-processor
+    (None, {"add_bos_token": True, "add_eos_token": True}, [0], [1]),
+    ("<|bos|> $A", {}, [0], []),                                         # the post-processor decides ...
+    ("<|bos|> $A", {"add_bos_token": False}, [0], []),                   # ... over the flags (transformers 5)
+    ("$A", {"add_bos_token": True}, [], []),
+    ("<|bos|> $A <|eos|>", {}, [0], [1]),
+])
+def test_the_prompt_rule_is_the_tokenizers_own(tmp_path, post, flags, head, tail):
+    mine, body = rule_dir(tmp_path / "t", post=post, flags=flags)
+    assert mine.encode_prompt("To be") == [*head, *body, *tail]
+    assert (mine.adds_bos, mine.adds_eos) == (bool(head), bool(tail))
+
+
+@pytest.mark.parametrize("flags", [{"add_bos_token": True}, {"add_bos_token": False}, {}])
+def test_a_saved_tokenizer_makes_transformers_encode_as_we_do(tmp_path, flags):
+    """save_tokenizer writes the rule where transformers 5 reads it (the post-processor) and in the flags."""
+    from transformers import AutoTokenizer
+
+    mine, _ = rule_dir(tmp_path / "src", post=None, flags=flags)
+    (tmp_path / "out").mkdir()
+    save_tokenizer(mine, tmp_path / "out")
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert saved["add_bos_token"] is bool(flags.get("add_bos_token"))
+    reloaded = load_tokenizer(tmp_path / "out")
+    for text in ("To be", "the question", ""):
+        assert theirs(text).input_ids == mine.encode_prompt(text) == reloaded.encode_prompt(text)
+
+
+def test_our_bare_tokenizer_puts_bos_first_and_exports_so(tmp_path):
+    from latentmoe.hf.tokenizer import as_hf_tokenizer, encode_prompt
+
+    model = ours("tiny", vocab_size=300)
+    bare = train_tokenizer(TEXT, 300)
+    body = bare.encode("To be", add_special_tokens=False).ids
+    assert encode_prompt(bare, "To be", bos_token_id=0) == [0, *body]
+    assert as_hf_tokenizer(bare, config=model.config).encode_prompt("To be") == [0, *body]
+    save_tokenizer(bare, tmp_path, config=model.config)
+    assert load_tokenizer(tmp_path).encode_prompt("To be") == [0, *body]

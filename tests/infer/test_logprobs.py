@@ -42,8 +42,10 @@ def check_against_reference(model, prompt, result, top):
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_logprobs_equal_log_softmax_of_a_full_forward(trained_tiny_mtp2, speculative, temperature):
     model = trained_tiny_mtp2
-    rng = random.Random(0)
-    prompts = [[0] + [rng.randrange(32) for _ in range(rng.randint(1, 9))] for _ in range(4)]
+    # seed 3: prompts for which the briefly trained fixture's greedy drafts are sometimes accepted, so that
+    # verified tokens are scored too (asserted below; with the fixture's 20 steps few drafts are accepted)
+    rng = random.Random(3)
+    prompts = [[0] + [rng.randrange(model.config.vocab_size) for _ in range(rng.randint(1, 9))] for _ in range(4)]
     params = SamplingParams(max_tokens=9, temperature=temperature, seed=3, logprobs=TOP, prompt_logprobs=TOP)
     results = Engine(model, block_size=4, max_batch=3).generate(prompts, params, speculative=speculative)
     for prompt, result in zip(prompts, results, strict=True):

@@ -16,6 +16,7 @@ from latentmoe.plan.arch import arch_from_model_config
 from latentmoe.plan.arith import kv_bytes_per_token
 from latentmoe.pretrained import load
 from latentmoe.serve.disaggregated import DisaggregatedBackend, WorkerConfig
+from latentmoe.serve.prompts import encode_chat
 
 from .conftest import serving
 from .helpers import WAIT_S, post, request, wait_until
@@ -50,17 +51,18 @@ def test_disaggregated_greedy_output_equals_colocated_over_many_prompts(disaggre
     rng = random.Random(0)
     prompts = [[0] + [rng.randrange(3, 512) for _ in range(n)] for n in (1, 5, 17, 40, 90, 200, 333, 7, 64, 2)]
     prompts += [[0, *tokenizer.encode(text).ids] for text in ("ROMEO:", "JULIET: O Romeo, Romeo!")]
+    chat = [{"role": "user", "content": "ROMEO:"}]
+    chat_ids = encode_chat(tokenizer, chat, bos_token_id=0, eos_token_id=1)  # the chat template's ids
     params = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(1,))
-    expected = Engine(colocated_model, tokenizer, cache_dtype=CACHE_DTYPE, block_size=16, max_batch=4).generate(
-        prompts, params, speculative=True)
+    *expected, expected_chat = Engine(colocated_model, tokenizer, cache_dtype=CACHE_DTYPE, block_size=16,
+                                      max_batch=4).generate([*prompts, chat_ids], params, speculative=True)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0, timeout=WAIT_S)
     reply = client.completions.create(model="tiny", prompt=prompts, max_tokens=12, temperature=0, logprobs=0)
     for choice, ref in zip(reply.choices, expected, strict=True):
         assert choice.text == ref.text
         assert len(choice.logprobs.tokens) == len(ref.token_ids)
-    streamed = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "ROMEO:"}],
-                                              max_tokens=12, temperature=0, stream=True)
-    assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected[-2].text
+    streamed = client.chat.completions.create(model="tiny", messages=chat, max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected_chat.text
     assert reply.usage.prompt_tokens == sum(map(len, prompts))
 
 

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from latentmoe.infer import Engine, SamplingParams
+from latentmoe.serve.prompts import encode_chat
 
 from .conftest import Gate, local_backend, serving
 from .helpers import WAIT_S, assert_openai_error, metric, post, wait_until
@@ -22,8 +23,11 @@ CLIENTS = 16
 def test_sixteen_concurrent_streams_each_get_what_they_get_alone(model, tokenizer):
     prompts = [f"ROMEO: {'O ' * (i % 5)}speak {i}" for i in range(CLIENTS)]
     max_tokens = [4 + (i * 7) % 13 for i in range(CLIENTS)]
+    # odd clients ask for a completion of the text, even ones chat with it (the chat template's ids)
+    asked = [p if i % 2 else encode_chat(tokenizer, [{"role": "user", "content": p}], bos_token_id=0, eos_token_id=1)
+             for i, p in enumerate(prompts)]
     alone = [Engine(model, tokenizer, block_size=8).generate(
-        [p], SamplingParams(max_tokens=m, temperature=0, stop_token_ids=(1,)))[0] for p, m in zip(prompts, max_tokens)]
+        [p], SamplingParams(max_tokens=m, temperature=0, stop_token_ids=(1,)))[0] for p, m in zip(asked, max_tokens)]
     gate = Gate()  # the first step waits until all 16 are queued: then 6 run and 10 wait, whatever the timing
     backend = local_backend(model, tokenizer, max_batch=6, max_queued=CLIENTS, runner_cls=gate.runner_cls)
     with serving(backend) as server, gate:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from latentmoe.infer import Engine, SamplingParams
-from latentmoe.serve.prompts import DEFAULT_CHAT_TEMPLATE, encode_prompt, render_chat
+from latentmoe.serve.prompts import encode_chat, encode_prompt, render_chat
 
 from .conftest import local_backend, serving
 from .helpers import metric, post, request
@@ -68,9 +68,13 @@ def test_token_id_prompts_and_batches_of_prompts(client, model, tokenizer):
 def test_chat_greedy_equals_engine_generate_on_the_rendered_template(client, model, tokenizer):
     messages = [{"role": "system", "content": "A play."}, {"role": "user", "content": "ROMEO:"}]
     reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
-    assert render_chat(tokenizer, messages) == "A play.\nROMEO:"  # the documented default template
-    assert DEFAULT_CHAT_TEMPLATE.count("message['content']") == 1
-    expected = engine_alone(model, tokenizer, "A play.\nROMEO:", 10, temperature=0)
+    specials = dict(bos_token_id=model.config.bos_token_id, eos_token_id=model.config.eos_token_id)
+    # the one default template (latentmoe.hf.tokenizer), the same one train --sft renders with
+    text = "<|bos|><|system|>\nA play.<|eos|><|user|>\nROMEO:<|eos|><|assistant|>\n"
+    assert render_chat(tokenizer, messages, **specials) == text
+    ids = encode_chat(tokenizer, messages, **specials)
+    assert ids == tokenizer.encode(text, add_special_tokens=False).ids and ids.count(specials["bos_token_id"]) == 1
+    expected = engine_alone(model, tokenizer, ids, 10, temperature=0)
     assert reply.choices[0].message.role == "assistant"
     assert reply.choices[0].message.content == expected.text
     assert reply.usage.prompt_tokens == len(expected.prompt_token_ids)
@@ -159,8 +163,9 @@ def test_chat_logprobs_give_each_token_and_its_alternatives(client, model, token
                                            logprobs=True, top_logprobs=3)
     content = reply.choices[0].logprobs.content
     assert len(content) == reply.usage.completion_tokens == 5
-    prompt_ids = encode_prompt(tokenizer, "ROMEO:", model.config.bos_token_id)
-    out_ids = engine_alone(model, tokenizer, "ROMEO:", 5, temperature=0).token_ids
+    prompt_ids = encode_chat(tokenizer, messages, bos_token_id=model.config.bos_token_id,
+                             eos_token_id=model.config.eos_token_id)
+    out_ids = engine_alone(model, tokenizer, prompt_ids, 5, temperature=0).token_ids
     ref = reference_logprobs(model, prompt_ids + out_ids)
     for j, entry in enumerate(content):
         row = ref[len(prompt_ids) - 1 + j]
