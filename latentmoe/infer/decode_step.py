@@ -223,16 +223,17 @@ class StaticStep(nn.Module):
         B, S = ids_BS.shape
         N = block_table_BN.shape[1]
         _, _, bs, X = pool_LNbX.shape
-        L = len(self.blocks)
         positions_BS = lengths_B[:, None] + torch.arange(S, device=ids_BS.device)[None, :]
         angles_BSR = positions_BS.to(torch.float32)[..., None] * m.rotary.inv_freq
         cos_BSR, sin_BSR = angles_BSR.cos() * m.rotary.amplitude, angles_BSR.sin() * m.rotary.amplitude
         key_mask_BT = torch.arange(N * bs, device=ids_BS.device)[None, :] < lengths_B[:, None]
-        cached_LBTX = pool_LNbX[:L].index_select(1, block_table_BN.flatten()).view(L, B, N * bs, X)
+        flat_blocks = block_table_BN.flatten()
         x_BSD = m.model.embed_tokens(ids_BS)
         new_rows = []
         for layer, block in enumerate(self.blocks):
-            x_BSD, new_BSX = block(x_BSD, cos_BSR, sin_BSR, cached_LBTX[layer], key_mask_BT)
+            # gathered one layer at a time: a [B, T, X] buffer that stays in cache, not all layers' rows at once
+            cached_BTX = pool_LNbX[layer].index_select(0, flat_blocks).view(B, N * bs, X)
+            x_BSD, new_BSX = block(x_BSD, cos_BSR, sin_BSR, cached_BTX, key_mask_BT)
             new_rows.append(new_BSX)
         hidden_BSD = rms_norm(x_BSD, m.model.norm.weight, self.eps)
         return m.lm_head(hidden_BSD), hidden_BSD, torch.stack(new_rows)
