@@ -16,7 +16,8 @@ sides run the same function past the trained length). fp32, greedy, ``--threads`
 2. **Decode** at batch 1 and 16, contexts 512 and 4096: ours through ``Engine(compile=True)`` (the static-shape
    step, every bucket compiled in a warm-up run of the same shapes first) and ``Engine()`` (the eager
    reference); llama.cpp's ``llama_decode`` with one sequence, or 16 sequences in one batch
-   (``n_seq_max`` = 16, the prefix copied with ``llama_memory_seq_cp``). Medians of per-step times.
+   (``n_seq_max`` = 16, the prefix copied with ``llama_memory_seq_cp``), its KV cache in f32 as ours.
+   Medians of per-step times.
 3. **Roofline** — bytes a decode step reads (the main model's weights without the routed experts and the
    embedding table, plus the routed experts actually chosen and the embedding rows, plus each sequence's
    latent cache) × steps/s, against this machine's read bandwidth measured in the same run.
@@ -208,10 +209,15 @@ def our_logits(model: CausalLM, ids: list[int], extra: int) -> tuple[torch.Tenso
 class LlamaCpp:
     """llama.cpp through llama-cpp-python's C API: one context per batch size, greedy over ``llama_decode``."""
 
+    _quiet = None  # the log callback (kept referenced while llama.cpp may call it)
+
     def __init__(self, path: Path, *, n_ctx: int, n_seq: int, threads: int, vocab: int):
         import llama_cpp as lc
 
         self.lc, self.vocab, self.n_seq = lc, vocab, n_seq
+        if LlamaCpp._quiet is None:
+            LlamaCpp._quiet = lc.llama_log_callback(lambda level, text, user_data: None)
+            lc.llama_log_set(LlamaCpp._quiet, ctypes.c_void_p())
         lc.llama_backend_init()
         mparams = lc.llama_model_default_params()
         self.model = lc.llama_model_load_from_file(str(path).encode(), mparams)
@@ -220,6 +226,7 @@ class LlamaCpp:
         cparams.n_batch = cparams.n_ubatch = 512
         cparams.n_seq_max = n_seq
         cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.type_k = cparams.type_v = lc.GGML_TYPE_F32  # an fp32 cache, as ours (its default is f16)
         if hasattr(cparams, "kv_unified"):
             cparams.kv_unified = True  # the prefix is copied between sequences
         self.ctx = lc.llama_init_from_model(self.model, cparams)
@@ -326,7 +333,7 @@ def decode_part(args, model, peer_path, cases, bandwidth) -> dict:
     config = model.config
     vocab = config.vocab_size
     cache_bytes = Engine(model, num_blocks=1, mtp_cache=False).cache_bytes_per_token()
-    peer_name = f"llama.cpp (llama-cpp-python {llama_cpp_version()}), same weights, f32 GGUF"
+    peer_name = f"llama.cpp (llama-cpp-python {llama_cpp_version()}), same weights, f32 GGUF, f32 KV cache"
     fast: dict[int, float] = {}
     for ctx in args.contexts:
         for batch in args.batches:

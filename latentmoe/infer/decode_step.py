@@ -78,6 +78,7 @@ def rotate_interleaved(x_BSHR: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: tor
 class AbsorbedAttention(nn.Module):
     """One MLA layer's weights in the layout the absorbed step reads (buffers, computed once from ``mla``).
 
+    ``w_in_PD``: ``q_a_proj`` (when the query is compressed) and ``kv_a_proj_with_mqa`` stacked, ``[Q + C + R, D]``.
     ``w_q_MQ``: ``[H·C + H·R, Q]`` — rows ``h·C + c`` give the softmax-scaled latent query
     (Σ_n W^UK[h,n,c] W^UQ[h,n,:]), rows ``H·C + h·R + r`` the scaled rope query; Q is ``q_lora_rank`` (or the
     hidden size without query compression). ``w_o_DM``: ``[D, H·C]`` = Σ_v W^O[:, h·V + v] W^UV[h, v, c].
@@ -99,12 +100,23 @@ class AbsorbedAttention(nn.Module):
         w_q_MQ = torch.cat([w_qlat_HCQ.reshape(H * C, -1), w_qrope_HRQ.reshape(H * R, -1)]) * scale
         w_o_DHV = mla.o_proj.weight.detach().to(wide).view(-1, H, V)
         w_o_DM = torch.einsum("dhv,hvc->dhc", w_o_DHV, w_uv_HVC).reshape(-1, H * C)
+        # the two projections of the normed input, q_a (or nothing) and kv_a, as one matrix: one read, one matmul
+        down = [mla.q_a_proj] if c.uses_q_lora else []
+        down.append(mla.kv_a_proj_with_mqa)
+        w_in_PD = torch.cat([m.weight.detach() for m in down])
+        biases = [m.bias for m in down]
+        b_in_P = None if all(b is None for b in biases) else torch.cat([
+            (b.detach() if b is not None else torch.zeros(m.weight.shape[0], dtype=dtype, device=m.weight.device))
+            for m, b in zip(down, biases, strict=True)])
+        self.q_rank = c.q_lora_rank if c.uses_q_lora else 0
+        self.register_buffer("w_in_PD", w_in_PD, persistent=False)
+        self.register_buffer("b_in_P", b_in_P, persistent=False)
         self.heads, self.latent, self.rope = H, C, R
         self.uses_q_lora = c.uses_q_lora
         self.eps = c.rms_norm_eps
         self.register_buffer("w_q_MQ", w_q_MQ.to(dtype), persistent=False)
         self.register_buffer("w_o_DM", w_o_DM.to(dtype), persistent=False)
-        self.mla = mla  # the projections the step shares with the model (q_a, kv_a, their norms, biases)
+        self.mla = mla  # what the step shares with the model (the norms, o_proj's bias)
 
     def forward(
         self,
@@ -119,11 +131,12 @@ class AbsorbedAttention(nn.Module):
         mla = self.mla
         B, S, _ = x_BSD.shape
         H, C, R = self.heads, self.latent, self.rope
-        cq = rms_norm(mla.q_a_proj(x_BSD), mla.q_a_layernorm.weight, self.eps) if self.uses_q_lora else x_BSD
+        down_BSP = F.linear(x_BSD, self.w_in_PD, self.b_in_P)
+        kv_BSX = down_BSP[..., self.q_rank :]
+        cq = rms_norm(down_BSP[..., : self.q_rank], mla.q_a_layernorm.weight, self.eps) if self.uses_q_lora else x_BSD
         q_BSM = F.linear(cq, self.w_q_MQ)
         q_lat_BSHC = q_BSM[..., : H * C].view(B, S, H, C)
         q_rope_BSHR = rotate_interleaved(q_BSM[..., H * C :].view(B, S, H, R), cos_BSR, sin_BSR)
-        kv_BSX = mla.kv_a_proj_with_mqa(x_BSD)
         new_lat_BSC = rms_norm(kv_BSX[..., :C], mla.kv_a_layernorm.weight, self.eps)
         new_rope_BSR = rotate_interleaved(kv_BSX[..., None, C:], cos_BSR, sin_BSR)[:, :, 0]
         new_BSX = torch.cat([new_lat_BSC, new_rope_BSR], dim=-1)
@@ -151,6 +164,15 @@ class StaticBlock(nn.Module):
         self.block = block
         self.attention = AbsorbedAttention(block.self_attn)
         self.eps = block.input_layernorm.eps
+        mlp = block.mlp if isinstance(block.mlp, MLP) else block.mlp.shared_experts  # the dense SwiGLU, if any
+        self.down = mlp.down_proj if mlp is not None else None
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach() if mlp is not None else None
+        self.register_buffer("w_gate_up_ND", gate_up, persistent=False)  # gate and up as one matmul
+
+    def dense(self, x_TD: torch.Tensor, w_gate_up_ND: torch.Tensor) -> torch.Tensor:
+        """The block's dense SwiGLU (the FFN, or the shared experts) with gate and up in one matmul."""
+        gate, up = F.linear(x_TD, w_gate_up_ND).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
     def forward(self, x_BSD, cos_BSR, sin_BSR, cached_BTX, key_mask_BT):
         b = self.block
@@ -159,7 +181,7 @@ class StaticBlock(nn.Module):
         x_BSD = x_BSD + attn_BSD
         h_BSD = rms_norm(x_BSD, b.post_attention_layernorm.weight, self.eps)
         if isinstance(b.mlp, MLP):
-            return x_BSD + b.mlp(h_BSD), new_BSX
+            return x_BSD + self.dense(h_BSD, self.w_gate_up_ND), new_BSX
         moe = b.mlp
         B, S, D = h_BSD.shape
         h_TD = h_BSD.reshape(B * S, D)
@@ -173,7 +195,7 @@ class StaticBlock(nn.Module):
         )
         y_TD = static_experts(h_TD, routing.topk_idx_TK, routing.topk_weight_TK, moe.experts)
         if moe.shared_experts is not None:
-            y_TD = y_TD + moe.shared_experts(h_TD)
+            y_TD = y_TD + self.dense(h_TD, self.w_gate_up_ND)
         return x_BSD + y_TD.view(B, S, D), new_BSX
 
 
@@ -201,16 +223,17 @@ class StaticStep(nn.Module):
         B, S = ids_BS.shape
         N = block_table_BN.shape[1]
         _, _, bs, X = pool_LNbX.shape
-        L = len(self.blocks)
         positions_BS = lengths_B[:, None] + torch.arange(S, device=ids_BS.device)[None, :]
         angles_BSR = positions_BS.to(torch.float32)[..., None] * m.rotary.inv_freq
         cos_BSR, sin_BSR = angles_BSR.cos() * m.rotary.amplitude, angles_BSR.sin() * m.rotary.amplitude
         key_mask_BT = torch.arange(N * bs, device=ids_BS.device)[None, :] < lengths_B[:, None]
-        cached_LBTX = pool_LNbX[:L].index_select(1, block_table_BN.flatten()).view(L, B, N * bs, X)
+        flat_blocks = block_table_BN.flatten()
         x_BSD = m.model.embed_tokens(ids_BS)
         new_rows = []
         for layer, block in enumerate(self.blocks):
-            x_BSD, new_BSX = block(x_BSD, cos_BSR, sin_BSR, cached_LBTX[layer], key_mask_BT)
+            # gathered one layer at a time: a [B, T, X] buffer that stays in cache, not all layers' rows at once
+            cached_BTX = pool_LNbX[layer].index_select(0, flat_blocks).view(B, N * bs, X)
+            x_BSD, new_BSX = block(x_BSD, cos_BSR, sin_BSR, cached_BTX, key_mask_BT)
             new_rows.append(new_BSX)
         hidden_BSD = rms_norm(x_BSD, m.model.norm.weight, self.eps)
         return m.lm_head(hidden_BSD), hidden_BSD, torch.stack(new_rows)

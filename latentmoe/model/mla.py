@@ -208,6 +208,11 @@ class MLA(nn.Module):
         k_nope_BTHN, v_BTHV = kv_BTHX.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
         k_BTHD = torch.cat([k_nope_BTHN, k_rope_BTR.to(k_nope_BTHN.dtype)[:, :, None, :].expand(B, T, H, -1)], dim=-1)
         q_BSHD = torch.cat([q_nope_BSHN, q_rope_BSHR], dim=-1)
+        V = v_BTHV.shape[-1]
+        if V < q_BSHD.shape[-1]:
+            # SDPA's fused (flash) kernels need one head size for q, k and v; without them the math fallback
+            # materialises the [S, T] scores of every head. Zero columns of v add nothing and are dropped after.
+            v_BTHV = F.pad(v_BTHV, (0, q_BSHD.shape[-1] - V))
         q, k, v = (t.transpose(1, 2) for t in (q_BSHD, k_BTHD, v_BTHV))
         if attn_mask_BST is not None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask_BST[:, None], scale=self.softmax_scale)
@@ -218,7 +223,7 @@ class MLA(nn.Module):
         else:
             mask = causal_mask(S, T, q.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
-        return out.transpose(1, 2)
+        return out.transpose(1, 2)[..., :V]
 
     def attend_absorbed(
         self,

@@ -140,6 +140,7 @@ def test_static_step_logits_equal_the_model_forward():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # compiling takes 1-2 minutes on a quiet 2-core machine, far longer on a busy one
 def test_compiled_step_equals_the_eager_step_and_keeps_greedy_tokens(trained_tiny_mtp2):
     """torch.compile (inductor) of the static step: logits within 1e-5 relative of the same step run eagerly
     (fp32), and greedy tokens identical to the reference runner, plain and speculative. One block bucket keeps it

@@ -101,3 +101,21 @@ def test_latent_cache_holds_only_latent_and_shared_rope_key():
     cache = model.new_cache(batch_size=1, max_length=8, dtype=torch.bfloat16)
     expected = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * 2
     assert cache.bytes_per_token() == expected
+
+
+def test_materialised_attention_runs_on_the_fused_sdpa_kernel():
+    """q/k heads (nope + rope) are wider than v heads; v is zero-padded so that SDPA's flash kernel (which never
+    materialises the [S, T] scores per head) takes causal prefill: forced here (unequal head sizes make the
+    flash-only backend raise), and the result is the math path's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig.from_preset("tiny")).eval()
+    assert model.config.v_head_dim < model.config.qk_nope_head_dim + model.config.qk_rope_head_dim
+    ids = torch.randint(2, model.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        with sdpa_kernel(SDPBackend.MATH):
+            expected = model(ids, compute_mtp=False).logits
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            fused = model(ids, compute_mtp=False).logits
+    torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-5)
