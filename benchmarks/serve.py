@@ -226,8 +226,9 @@ class Server:
             self.proc.kill()
 
 
-class PeerServer:
-    """llama-cpp-python's OpenAI server on a GGUF file, as a subprocess on a free port of 127.0.0.1."""
+class PeerServer(Server):
+    """llama-cpp-python's OpenAI server on a GGUF file, as a subprocess on a free port of 127.0.0.1 (stopped as
+    ``Server`` is)."""
 
     def __init__(self, gguf: Path, *, context: int, threads: int):
         port = _free_port()
@@ -252,12 +253,6 @@ class PeerServer:
         self.proc.kill()
         raise RuntimeError("llama_cpp.server did not start")
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def _free_port() -> int:
