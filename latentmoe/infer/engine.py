@@ -54,12 +54,11 @@ from latentmoe.infer.output import (
     GenerationResult,
     OutputProcessor,
     RequestOutput,
-    RequestStats,
     find_stop,
     streamable_length,
 )
 from latentmoe.infer.paged_cache import PagedLatentCache, latent_bytes_per_token, resolve_cache_dtype
-from latentmoe.infer.request import Request
+from latentmoe.infer.request import Request, RequestStats
 from latentmoe.infer.runner import DEFAULT_PREFILL_CHUNK, PAD_TOKEN_ID, ModelRunner, PrefillRound
 from latentmoe.infer.sampling import SamplingParams
 from latentmoe.infer.scheduler import Scheduler

@@ -17,9 +17,39 @@ import torch
 
 from latentmoe.infer.handoff import PrefillHandoff
 from latentmoe.infer.logprobs import TokenLogprob
-from latentmoe.infer.output import RequestStats
 from latentmoe.infer.sampling import SamplingParams
 from latentmoe.infer.speculative import DraftPlan
+
+
+@dataclass
+class RequestStats:
+    """Per-request figures. Times are seconds from the request's arrival (``add_request`` / ``submit``).
+
+    ``tokens_per_s`` is generated tokens over the whole request time (queueing and prefill included);
+    ``decode_tokens_per_s`` counts the tokens after the first over the time after the first.
+    ``drafted_per_position[j]`` / ``accepted_per_position[j]``: how often a draft was proposed / accepted at
+    draft position j+1 (an accepted draft at j implies all before it were accepted). A request cancelled
+    before its first token has ``time_to_first_token_s`` None.
+    """
+
+    prompt_tokens: int
+    generated_tokens: int = 0
+    time_to_first_token_s: float | None = None
+    total_time_s: float | None = None
+    tokens_per_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    drafted_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else None
+
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position, strict=True)]
 
 
 @dataclass(eq=False)
