@@ -102,7 +102,7 @@ def collective_commit(
         try:
             ckpt.commit_checkpoint(tmp, out_dir, step, trainer_state, owner_kind=owner_kind, extra_state=extra_state)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # the temporary begin_checkpoint made for this save: ours alone
             raise
         if keep_last is not None:
             ckpt.prune_checkpoints(out_dir, keep_last=keep_last)
