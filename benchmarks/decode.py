@@ -3,7 +3,7 @@ bf16 weights, and MTP speculative decoding on a trained model — one run, side 
 
     python benchmarks/decode.py                                    # every case (long on 2 cores)
     python benchmarks/decode.py --contexts 512 --batches 1 --skip-speculative --skip-prefill   # a quick look
-    python benchmarks/decode.py --train-steps 3000                 # train (once, cached under runs/) and use it
+    python benchmarks/decode.py --train-steps 2000                 # train (once, cached under runs/) and use it
 
 The model: the ``small`` preset trained on the shipped corpus — ``--checkpoint DIR``, else
 ``runs/decode-bench-N`` for ``--train-steps N`` (trained there, with resume, the first time), else ``runs/demo``.

@@ -24,8 +24,9 @@ kernels:
   chosen experts' weights are read by index (a fused gather in the compiled graph), else every expert runs
   on every token behind a zero-filled combine matrix.
 
-The verification step of speculative decoding (S = 1 + drafts per sequence) is the same graph with S > 1.
-The eager ``ModelRunner`` stays the reference; ``CompiledRunner`` (runner_compiled.py) drives this step and
+The verification step of speculative decoding (S = 1 + drafts per sequence) is the same graph with S > 1;
+drafting runs :class:`StaticDraft`, the MTP module written the same way over its own cache layer.
+The eager ``ModelRunner`` stays the reference; ``CompiledRunner`` (compiled_runner.py) drives these steps and
 falls back to it when compilation is unavailable.
 """
 
@@ -220,20 +221,65 @@ class StaticStep(nn.Module):
         """Returns logits ``[B, S, V]``, the hidden states after the final norm ``[B, S, D]`` (what MTP drafts
         from) and the new cache rows ``[layers, B, S, X]`` for the runner to write into the pool."""
         m = self.model
-        B, S = ids_BS.shape
-        N = block_table_BN.shape[1]
-        _, _, bs, X = pool_LNbX.shape
-        positions_BS = lengths_B[:, None] + torch.arange(S, device=ids_BS.device)[None, :]
-        angles_BSR = positions_BS.to(torch.float32)[..., None] * m.rotary.inv_freq
-        cos_BSR, sin_BSR = angles_BSR.cos() * m.rotary.amplitude, angles_BSR.sin() * m.rotary.amplitude
-        key_mask_BT = torch.arange(N * bs, device=ids_BS.device)[None, :] < lengths_B[:, None]
-        flat_blocks = block_table_BN.flatten()
+        cos_BSR, sin_BSR, key_mask_BT = step_positions(m, lengths_B, ids_BS.shape[1], block_table_BN, pool_LNbX)
         x_BSD = m.model.embed_tokens(ids_BS)
         new_rows = []
         for layer, block in enumerate(self.blocks):
             # gathered one layer at a time: a [B, T, X] buffer that stays in cache, not all layers' rows at once
-            cached_BTX = pool_LNbX[layer].index_select(0, flat_blocks).view(B, N * bs, X)
-            x_BSD, new_BSX = block(x_BSD, cos_BSR, sin_BSR, cached_BTX, key_mask_BT)
+            x_BSD, new_BSX = block(x_BSD, cos_BSR, sin_BSR, gather_rows(pool_LNbX, layer, block_table_BN),
+                                   key_mask_BT)
             new_rows.append(new_BSX)
         hidden_BSD = rms_norm(x_BSD, m.model.norm.weight, self.eps)
         return m.lm_head(hidden_BSD), hidden_BSD, torch.stack(new_rows)
+
+
+class StaticDraft(nn.Module):
+    """MTP module ``depth`` over its own cache layer with static shapes: ``CausalLM.mtp_forward``'s function
+    (combine, one block, shared head) written as :class:`StaticStep` writes the main model.
+
+    ``forward(prev_BSD, future_ids_BS, lengths_B, block_table_BN, pool_LNbX)``: sequence b runs the window of
+    S positions from ``lengths_B[b]`` over the module's cached rows ``[0, lengths_B[b])`` (cache layer
+    ``num_hidden_layers + depth - 1``). Returns the block output h^depth ``[B, S, D]``, the logits ``[B, S, V]``
+    and the window's new cache rows ``[B, S, X]`` for the runner to write.
+    """
+
+    def __init__(self, model: CausalLM, depth: int):
+        super().__init__()
+        if not 1 <= depth <= len(model.mtp):
+            raise ValueError(f"depth must be in [1, {len(model.mtp)}], got {depth}")
+        self.model = model
+        self.module = model.mtp[depth - 1]
+        self.block = StaticBlock(self.module.block)
+        self.layer = model.config.num_hidden_layers + depth - 1
+
+    def forward(
+        self, prev_BSD: torch.Tensor, future_ids_BS: torch.Tensor, lengths_B: torch.Tensor,
+        block_table_BN: torch.Tensor, pool_LNbX: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        m, module = self.model, self.module
+        cos_BSR, sin_BSR, key_mask_BT = step_positions(m, lengths_B, future_ids_BS.shape[1], block_table_BN,
+                                                       pool_LNbX)
+        h_BSD = module.combine(prev_BSD, m.model.embed_tokens(future_ids_BS))
+        out_BSD, new_BSX = self.block(h_BSD, cos_BSR, sin_BSR, gather_rows(pool_LNbX, self.layer, block_table_BN),
+                                      key_mask_BT)
+        return out_BSD, m.lm_head(module.shared_head.norm(out_BSD)), new_BSX
+
+
+def step_positions(
+    model: CausalLM, lengths_B: torch.Tensor, S: int, block_table_BN: torch.Tensor, pool_LNbX: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RoPE tables of the S new positions ``lengths_B[b] + s`` (``[B, S, R/2]`` each) and the mask of the cached
+    rows a sequence may read (``[B, N·bs]``: row t where t < ``lengths_B[b]``)."""
+    N, bs = block_table_BN.shape[1], pool_LNbX.shape[2]
+    positions_BS = lengths_B[:, None] + torch.arange(S, device=lengths_B.device)[None, :]
+    angles_BSR = positions_BS.to(torch.float32)[..., None] * model.rotary.inv_freq
+    cos_BSR, sin_BSR = angles_BSR.cos() * model.rotary.amplitude, angles_BSR.sin() * model.rotary.amplitude
+    key_mask_BT = torch.arange(N * bs, device=lengths_B.device)[None, :] < lengths_B[:, None]
+    return cos_BSR, sin_BSR, key_mask_BT
+
+
+def gather_rows(pool_LNbX: torch.Tensor, layer: int, block_table_BN: torch.Tensor) -> torch.Tensor:
+    """Cache layer ``layer``'s rows of each sequence's blocks, in order: ``[B, N·bs, X]``."""
+    B, N = block_table_BN.shape
+    _, _, bs, X = pool_LNbX.shape
+    return pool_LNbX[layer].index_select(0, block_table_BN.flatten()).view(B, N * bs, X)

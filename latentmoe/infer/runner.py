@@ -18,7 +18,8 @@ next (the scheduler and the output processor do):
   as the reference it is tested against.
 * :meth:`ModelRunner.verify` — the main model over ``[t_n, d_1..d_k]`` for each speculative request; the
   accepted prefix stays in the cache, rejected positions are dropped.
-* :meth:`ModelRunner.draft` — the MTP modules propose the next drafts (speculative.py has the windows).
+* :meth:`ModelRunner.draft` — the MTP modules propose the next drafts (speculative.py has the windows); each
+  module's window runs through :meth:`ModelRunner._mtp`, the seam a compiled draft step overrides.
 * :meth:`ModelRunner.place` — a request prefilled by another engine (handoff.py): its latent rows go into
   its blocks and its first token is the one the prefill sampled; nothing runs.
 
@@ -278,8 +279,6 @@ class ModelRunner:
             if start < first:
                 raise RuntimeError(f"draft window starts at {start} but hidden states are kept from {first}")
             hidden_BWD[b, :real] = tail[start - first : start - first + real]
-        start_pos_B = self._tensor(starts)
-        view = self.cache.view([r.request_id for r in batch], start_pos_B, width)
         drafts: list[list[int]] = [[] for _ in batch]
         probs: list[list[torch.Tensor]] = [[] for _ in batch]
         last = [n - 1 - start for n, start in zip(lengths, starts, strict=True)]  # window index of position n-1
@@ -290,9 +289,7 @@ class ModelRunner:
                 ext = r.tokens + d  # t_0..t_n, then this step's drafts d_1..d_{depth-1}
                 ids.append([ext[p + depth] if p + depth < len(ext) else PAD_TOKEN_ID
                             for p in range(start, start + width)])
-            prev_BWD, logits_BWV = self.model.mtp_forward(
-                depth, prev_BWD, self._tensor(ids), cache=view, start_pos=start_pos_B, attention=self.attention
-            )
+            prev_BWD, logits_BWV = self._mtp(batch, depth, prev_BWD, ids, starts)
             for b, r in enumerate(batch):
                 self._propose(r, logits_BWV[b, last[b] : last[b] + 1], drafts[b], probs[b])
         if plan.recursive:
@@ -300,12 +297,8 @@ class ModelRunner:
             for j in range(2, keep + 1):
                 # a request past its own count drafts on as padding (never kept), inside the position limit
                 limit = self.config.max_position_embeddings - 1
-                start_B = self._tensor([min(n + j - 2, limit) for n in lengths])
-                step_view = self.cache.view([r.request_id for r in batch], start_B, 1)
-                g_B1D, logits_B1V = self.model.mtp_forward(
-                    1, g_B1D, self._tensor([[d[-1]] for d in drafts]), cache=step_view, start_pos=start_B,
-                    attention=self.attention,
-                )
+                start_B = [min(n + j - 2, limit) for n in lengths]
+                g_B1D, logits_B1V = self._mtp(batch, 1, g_B1D, [[d[-1]] for d in drafts], start_B)
                 for b, r in enumerate(batch):
                     self._propose(r, logits_B1V[b], drafts[b], probs[b])
         for b, r in enumerate(batch):
@@ -313,6 +306,15 @@ class ModelRunner:
             r.draft_probs_KV = torch.cat(probs[b])[: keep_B[b]] if probs[b] else None
             r.mtp_final = max(0, r.num_cached - plan.chain_modules + 1)
             r.hidden_tail_PD = r.hidden_tail_PD[-plan.hidden_tail :]
+
+    def _mtp(self, batch: list[Request], depth: int, prev_BWD: torch.Tensor, ids_BW: list[list[int]],
+             start_B: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module ``depth`` over a window of W positions per sequence from ``start_B[b]`` (its cache rows
+        written): h^depth ``[B, W, D]`` and the logits ``[B, W, V]``. The seam a faster runner overrides."""
+        start_pos_B = self._tensor(start_B)
+        view = self.cache.view([r.request_id for r in batch], start_pos_B, len(ids_BW[0]))
+        return self.model.mtp_forward(depth, prev_BWD, self._tensor(ids_BW), cache=view, start_pos=start_pos_B,
+                                      attention=self.attention)
 
     @staticmethod
     def _propose(request: Request, logits_1V: torch.Tensor, drafts: list[int], probs: list[torch.Tensor]) -> None:

@@ -14,8 +14,9 @@ import torch
 
 from latentmoe import CausalLM, ModelConfig
 from latentmoe.infer import Engine, SamplingParams, SpeculativeConfig
-from latentmoe.infer.compiled_runner import CompiledRunner
-from latentmoe.infer.decode_step import StaticStep, block_bucket, bucket
+from latentmoe.infer.compiled_runner import MAX_STATIC_DRAFT_WINDOW, CompiledRunner
+from latentmoe.infer.decode_step import StaticDraft, StaticStep, block_bucket, bucket
+from latentmoe.infer.runner import ModelRunner
 from latentmoe.model.moe import Experts, dense_experts, gathered_experts, static_experts
 from tests.reference.moe import experts_reference
 
@@ -97,6 +98,73 @@ def test_static_verification_greedy_equals_plain_greedy(trained_tiny_mtp2, spec)
     assert engine.cache.num_free_blocks == engine.cache.num_blocks
 
 
+@pytest.mark.parametrize(
+    "spec", [SpeculativeConfig(2), SpeculativeConfig(3, mode="recursive")], ids=["depth2-chain", "recursive3"],
+)
+def test_static_drafts_equal_the_reference_drafts(trained_tiny_mtp2, spec, monkeypatch):
+    """Draft windows through StaticDraft give the MTP logits the reference runner's mtp_forward gives, draft
+    for draft (the tokens alone would not show a wrong draft: verification keeps them right either way)."""
+    model = trained_tiny_mtp2
+    prompts = random_prompts(model.config.vocab_size, 7, seed=8, longest=MAX_STATIC_DRAFT_WINDOW + 4)
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    proposed: list[torch.Tensor] = []
+    propose = ModelRunner._propose
+
+    def spy(request, logits_1V, drafts, probs):
+        proposed.append(logits_1V.clone())
+        propose(request, logits_1V, drafts, probs)
+
+    monkeypatch.setattr(ModelRunner, "_propose", staticmethod(spy))  # CompiledRunner's too (inherited)
+    static_windows: list[int] = []
+    draft_forward = StaticDraft.forward
+
+    def count(self, prev_BSD, future_ids_BS, *rest):
+        static_windows.append(future_ids_BS.shape[1])
+        return draft_forward(self, prev_BSD, future_ids_BS, *rest)
+
+    monkeypatch.setattr(StaticDraft, "forward", count)
+    reference = Engine(model, block_size=3, max_batch=4).generate(prompts, params, speculative=spec)
+    expected, proposed[:] = list(proposed), []
+    engine = Engine(model, block_size=3, max_batch=4, runner_cls=static_runner(4))
+    static = engine.generate(prompts, params, speculative=spec)
+    assert [r.token_ids for r in static] == [r.token_ids for r in reference]
+    assert len(proposed) == len(expected) > 0
+    for got, want in zip(proposed, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)  # the router's fp32 rounding, as below
+    assert static_windows and max(static_windows) <= MAX_STATIC_DRAFT_WINDOW  # the static draft did run
+
+
+def test_static_draft_equals_mtp_forward():
+    """StaticDraft over the module's paged cache layer gives mtp_forward's hidden states and logits (float64),
+    for windows of one and three positions after cached rows that cross blocks. Both run the router in fp32
+    (TR §3.3.1), so the gate weights round at fp32's 1e-7: that, not float64's 1e-16, sets the tolerance."""
+    torch.manual_seed(2)
+    model = CausalLM(ModelConfig.from_preset("tiny")).double().eval()
+    D, L = model.config.hidden_size, model.config.num_hidden_layers
+    ids = torch.randint(2, model.config.vocab_size, (2, 12))
+    prev = torch.randn(2, 12, D, dtype=torch.float64)
+    engine = Engine(model, block_size=4, max_batch=2, runner_cls=static_runner(2))
+    cache, draft = engine.cache, StaticDraft(model, 1)
+    for b in range(2):
+        cache.add_sequence(b)
+        cache.ensure(b, 12)
+    start = torch.tensor([0, 0])
+    with torch.no_grad():
+        full_h, full_logits = model.mtp_forward(1, prev, ids, cache=cache.view([0, 1], start, 12), start_pos=start)
+    for lengths, width in (([9, 5], 1), ([7, 8], 3)):
+        table = torch.tensor([cache.block_tables[b] for b in range(2)])
+        window = torch.tensor(lengths)[:, None] + torch.arange(width)[None, :]
+        with torch.no_grad():
+            h, logits, rows = draft(prev.gather(1, window[..., None].expand(-1, -1, D)), ids.gather(1, window),
+                                    torch.tensor(lengths), table, cache.pool_LNbX)
+        for b, n in enumerate(lengths):
+            torch.testing.assert_close(h[b], full_h[b, n : n + width], rtol=1e-6, atol=1e-8)
+            torch.testing.assert_close(logits[b], full_logits[b, n : n + width], rtol=1e-6, atol=1e-8)
+            slots = [cache.block_tables[b][p // 4] * 4 + p % 4 for p in range(n, n + width)]
+            written = cache.pool_LNbX[L].view(-1, cache.width)[slots]  # what mtp_forward wrote there
+            torch.testing.assert_close(rows[b], written, rtol=1e-6, atol=1e-8)
+
+
 def test_speculative_tokens_do_not_depend_on_the_batch(trained_tiny_mtp2):
     """A request near its end (no drafts left) no longer stops its batch-mates from drafting: each request's
     drafts and acceptances are the same alone and in a batch."""
@@ -142,9 +210,10 @@ def test_static_step_logits_equal_the_model_forward():
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # compiling takes 1-2 minutes on a quiet 2-core machine, far longer on a busy one
 def test_compiled_step_equals_the_eager_step_and_keeps_greedy_tokens(trained_tiny_mtp2):
-    """torch.compile (inductor) of the static step: logits within 1e-5 relative of the same step run eagerly
-    (fp32), and greedy tokens identical to the reference runner, plain and speculative. One block bucket keeps it
-    to a few graphs (decode and verify per batch bucket reached); the eager tests above cover the other shapes."""
+    """torch.compile (inductor) of the static step and the static draft: outputs within 1e-5 relative of the
+    same steps run eagerly (fp32), and greedy tokens identical to the reference runner, plain and speculative.
+    One block bucket keeps it to a few graphs (decode, verify and draft per batch bucket reached); the eager
+    tests above cover the other shapes."""
     model = CausalLM(trained_tiny_mtp2.config)
     model.load_state_dict(trained_tiny_mtp2.state_dict())
     model = model.float().eval()
@@ -161,7 +230,9 @@ def test_compiled_step_equals_the_eager_step_and_keeps_greedy_tokens(trained_tin
         [r.token_ids for r in reference.generate(prompts, params)]
     if compiled.fallback_reason is not None:
         pytest.fail(f"torch.compile is unavailable here: {compiled.fallback_reason}")
-    assert {(S, N) for _, S, N in compiled.compile_seconds} == {(1, 1), (2, 1)}  # decode and verify graphs
+    graphs = set(compiled.compile_seconds)
+    assert {(S, N) for _, S, N in (k for k in graphs if k[0] != "mtp1")} == {(1, 1), (2, 1)}  # decode, verify
+    assert {k[0] for k in graphs} - {1, 2, 4} == {"mtp1"}  # and the draft windows of MTP module 1
     # the compiled graph against the same step run eagerly, on live cache contents
     cache = engine.cache
     cache.add_sequence("x")
@@ -174,5 +245,8 @@ def test_compiled_step_equals_the_eager_step_and_keeps_greedy_tokens(trained_tin
                 cache.pool_LNbX)
         eager = compiled.step(*args)
         fast = compiled._compiled(*args)
-    for a, b in zip(fast, eager, strict=True):
+        draft_args = (torch.randn(4, 2, model.config.hidden_size), torch.tensor([[7, 8]] * 4), *args[1:])
+        eager_draft = compiled.drafts[0](*draft_args)
+        fast_draft = compiled._compiled_drafts[0](*draft_args)
+    for a, b in [*zip(fast, eager, strict=True), *zip(fast_draft, eager_draft, strict=True)]:
         assert ((a - b).norm() / b.norm()).item() <= 1e-5

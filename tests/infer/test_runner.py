@@ -64,7 +64,9 @@ def test_chunked_prefill_writes_the_same_cache_and_tokens_as_one_forward(trained
     assert [r.token_ids for r in fresh[1]] == [r.token_ids for r in fresh[0]]
     for a, b in zip(fresh[0], fresh[1], strict=True):
         expected = [p.logprob for p in a.prompt_logprobs[1:]]
-        assert [p.logprob for p in b.prompt_logprobs[1:]] == pytest.approx(expected, rel=1e-9)
+        # float64, but the router runs in fp32 (TR §3.3.1): its gate weights round at 1e-7 relative when the
+        # chunks' sums differ in the last float64 bit, which reaches the log-probabilities at ~1e-8
+        assert [p.logprob for p in b.prompt_logprobs[1:]] == pytest.approx(expected, rel=1e-7)
 
 
 def test_prefill_chunk_must_be_positive(random_tiny):
