@@ -484,16 +484,27 @@ def speculative_part(args, model, tokenizer, cases) -> None:
         for label, engine in engines.items():  # warm-up: compiles the buckets
             engine.generate(prompts, params, speculative=spec if label == "mtp" else False)
         rates: dict[str, list[float]] = {"plain": [], "mtp": []}
-        shares, results = [], {}
+        step_ms: dict[str, list[float]] = {"plain": [], "verify": [], "draft": []}
+        shares, per_step, results = [], [], {}
         for _ in range(args.repeats):
             for label, engine in engines.items():
                 s = engine.stats
-                before = (s.decode_tokens, s.decode_s, s.draft_s)
+                before = (s.decode_tokens, s.decode_s, s.draft_s, s.decode_steps)
                 results[label] = engine.generate(prompts, params, speculative=spec if label == "mtp" else False)
-                rates[label].append((s.decode_tokens - before[0]) / (s.decode_s - before[1]))
+                tokens, seconds = s.decode_tokens - before[0], s.decode_s - before[1]
+                drafting, steps = s.draft_s - before[2], s.decode_steps - before[3]
+                rates[label].append(tokens / seconds)
                 if label == "mtp":
-                    shares.append((s.draft_s - before[2]) / (s.decode_s - before[1]))
+                    shares.append(drafting / seconds)
+                    per_step.append(tokens / steps / batch)
+                    step_ms["verify"].append((seconds - drafting) / steps * 1e3)
+                    step_ms["draft"].append(drafting / steps * 1e3)
+                else:
+                    step_ms["plain"].append(seconds / steps * 1e3)
         rate = {k: statistics.median(v) for k, v in rates.items()}
+        # speed-up = tokens per sequence and step x plain step time / (verify + draft time): what limits it
+        limits = {f"{k}_step_ms": round(statistics.median(v), 2) for k, v in step_ms.items()}
+        limits["tokens_per_step_per_sequence"] = round(statistics.median(per_step), 3)
         k = spec.num_draft_tokens
         drafted = [sum(r.stats.drafted_per_position[j] for r in results["mtp"]) for j in range(k)]
         accepted = [sum(r.stats.accepted_per_position[j] for r in results["mtp"]) for j in range(k)]
@@ -509,7 +520,7 @@ def speculative_part(args, model, tokenizer, cases) -> None:
         cases.append(case(f"MTP batch={batch} speed-up", "decode tokens/s", rate["mtp"], rate["plain"],
                           "our plain decoding, same engine settings", f">= {goal}x" if goal else None, goal,
                           same_tokens_as_plain=same, draft_share_of_step_time=round(statistics.median(shares), 3),
-                          compiled=not args.no_compile))
+                          compiled=not args.no_compile, **limits))
 
 
 def main(argv=None) -> int:
