@@ -88,9 +88,8 @@ class CompiledRunner(ModelRunner):
         graph, with the reason kept in ``fallback_reason``. ``key`` names the graph in ``compile_seconds``."""
         if compiled is None:
             return eager(*args)
-        if key in self.compile_seconds:
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                return compiled(*args)
+        if key in self.compile_seconds:  # compiled before: no recompilation, so no limit to raise
+            return compiled(*args)
         t0 = time.perf_counter()
         try:
             with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
