@@ -45,6 +45,10 @@ COMPILE_OPTIONS = MappingProxyType({
 })
 RECOMPILE_LIMIT = 256  # graphs per step function: buckets of batch x new tokens x cache blocks
 MAX_STATIC_DRAFT_WINDOW = 8  # wider draft windows (a prompt's first draft) run the reference: one graph each
+# Batches whose cached rows exceed this per layer run the reference runner: the static step copies every row
+# before reading it twice, and at batch 16 x 4,096 rows (21 MiB a layer) that made it slower than the
+# reference (309 vs 459 tok/s, benchmarks/decode.py); at 2.6 MiB (batch 16 x 512) it was faster (1,276 vs 859)
+MAX_STATIC_GATHER_BYTES = 8 * 2**20
 
 
 class CompiledRunner(ModelRunner):
@@ -103,11 +107,14 @@ class CompiledRunner(ModelRunner):
         self.compile_seconds[key] = time.perf_counter() - t0
         return out
 
-    def _padded_tables(self, batch: list[Request], lengths: list[int], Bp: int) -> torch.Tensor:
+    def _padded_tables(self, batch: list[Request], lengths: list[int], Bp: int) -> torch.Tensor | None:
         """Block tables ``[Bp, N]`` covering each sequence's ``lengths[b]`` cached rows, N the block bucket of the
-        longest; padding entries (and padding sequences) point at block 0, masked by their lengths."""
+        longest; padding entries (and padding sequences) point at block 0, masked by their lengths. None when
+        the rows a layer would gather exceed ``MAX_STATIC_GATHER_BYTES`` (the reference is faster there)."""
         cache = self.cache
         N = block_bucket(max(1, *(cache.blocks_for(n) for n in lengths)), cache.num_blocks)
+        if Bp * N * cache.block_size * cache.width * cache.pool_LNbX.element_size() > MAX_STATIC_GATHER_BYTES:
+            return None
         tables = [cache.block_tables[r.request_id][:N] for r in batch]
         return self._tensor([t + [0] * (N - len(t)) for t in tables] + [[0] * N] * (Bp - len(batch)))
 
@@ -130,10 +137,12 @@ class CompiledRunner(ModelRunner):
         cache = self.cache
         B, S = len(batch), len(ids[0])
         Bp = bucket(B, max(self.max_batch, B))
-        for r, n in zip(batch, real_B, strict=True):
-            cache.ensure(r.request_id, r.num_cached + n)
         lengths = [r.num_cached for r in batch]
         table_BN = self._padded_tables(batch, lengths, Bp)
+        if table_BN is None:
+            return None
+        for r, n in zip(batch, real_B, strict=True):
+            cache.ensure(r.request_id, r.num_cached + n)
         ids_BS = self._tensor(ids + [[PAD_TOKEN_ID] * S] * (Bp - B))
         lengths_B = self._tensor(lengths + [0] * (Bp - B))
         out = self._run(self.step, self._compiled, (ids_BS, lengths_B, table_BN, cache.pool_LNbX),
@@ -157,6 +166,8 @@ class CompiledRunner(ModelRunner):
             return super()._mtp(batch, depth, prev_BWD, ids_BW, start_B)
         Bp = bucket(B, max(self.max_batch, B))
         table_BN = self._padded_tables(batch, start_B, Bp)
+        if table_BN is None:
+            return super()._mtp(batch, depth, prev_BWD, ids_BW, start_B)
         prev_BWD = torch.cat([prev_BWD, prev_BWD.new_zeros(Bp - B, *prev_BWD.shape[1:])])
         ids = self._tensor(ids_BW + [[PAD_TOKEN_ID] * W] * (Bp - B))
         compiled = self._compiled_drafts[depth - 1] if self._compiled_drafts is not None else None

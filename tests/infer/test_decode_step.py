@@ -165,6 +165,33 @@ def test_static_draft_equals_mtp_forward():
             torch.testing.assert_close(rows[b], written, rtol=1e-6, atol=1e-8)
 
 
+def test_batches_past_the_gather_limit_run_the_reference(trained_tiny_mtp2, monkeypatch):
+    """A batch whose cached rows per layer exceed MAX_STATIC_GATHER_BYTES decodes, verifies and drafts through
+    the reference runner (same tokens), and one under it through the static steps."""
+    from latentmoe.infer import compiled_runner
+
+    model = trained_tiny_mtp2
+    prompts = random_prompts(model.config.vocab_size, 3, seed=4, longest=12)
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    spec = SpeculativeConfig(1)
+    reference = Engine(model, block_size=4, max_batch=4).generate(prompts, params, speculative=spec)
+    calls: list[str] = []
+    for cls in (StaticStep, StaticDraft):
+        forward = cls.forward
+        monkeypatch.setattr(cls, "forward", lambda self, *a, _f=forward, _n=cls.__name__: calls.append(_n) or
+                            _f(self, *a))
+    monkeypatch.setattr(compiled_runner, "MAX_STATIC_GATHER_BYTES", 0)
+    engine = Engine(model, block_size=4, max_batch=4, runner_cls=static_runner(4))
+    assert [r.token_ids for r in engine.generate(prompts, params, speculative=spec)] == \
+        [r.token_ids for r in reference]
+    assert calls == []
+    monkeypatch.setattr(compiled_runner, "MAX_STATIC_GATHER_BYTES", 2**30)
+    assert [r.token_ids for r in engine.generate(prompts, params, speculative=spec)] == \
+        [r.token_ids for r in reference]
+    assert {"StaticStep", "StaticDraft"} <= set(calls)
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
 def test_speculative_tokens_do_not_depend_on_the_batch(trained_tiny_mtp2):
     """A request near its end (no drafts left) no longer stops its batch-mates from drafting: each request's
     drafts and acceptances are the same alone and in a batch."""
