@@ -4,7 +4,8 @@
 that run every step — ``decode`` (one token per sequence), ``verify`` (1 + drafts per sequence) and the MTP
 modules' draft windows (``_mtp``) — with :class:`~latentmoe.infer.decode_step.StaticStep` and
 :class:`~latentmoe.infer.decode_step.StaticDraft`; prefill stays the reference's, and so does a draft window
-wider than ``MAX_STATIC_DRAFT_WINDOW`` (the first draft after a prefill re-reads the whole prompt). Each call:
+wider than ``MAX_STATIC_DRAFT_WINDOW`` (the first draft after a prefill re-reads the whole prompt) and a batch
+whose cached rows pass ``MAX_STATIC_GATHER_BYTES`` a layer (there the reference is faster). Each call:
 
 1. pads the batch to its bucket (``bucket``), each block table to the bucket of the longest cached length
    (``block_bucket``);
@@ -25,7 +26,7 @@ from types import MappingProxyType
 
 import torch
 
-from latentmoe.infer.decode_step import StaticDraft, StaticStep, block_bucket, bucket
+from latentmoe.infer.decode_step import StaticDraft, StaticStep, block_bucket, bucket, gather_bytes
 from latentmoe.infer.paged_cache import PagedLatentCache
 from latentmoe.infer.request import Request
 from latentmoe.infer.runner import DEFAULT_PREFILL_CHUNK, PAD_TOKEN_ID, ModelRunner, Verification
@@ -113,7 +114,7 @@ class CompiledRunner(ModelRunner):
         the rows a layer would gather exceed ``MAX_STATIC_GATHER_BYTES`` (the reference is faster there)."""
         cache = self.cache
         N = block_bucket(max(1, *(cache.blocks_for(n) for n in lengths)), cache.num_blocks)
-        if Bp * N * cache.block_size * cache.width * cache.pool_LNbX.element_size() > MAX_STATIC_GATHER_BYTES:
+        if gather_bytes(cache.pool_LNbX, Bp, N) > MAX_STATIC_GATHER_BYTES:
             return None
         tables = [cache.block_tables[r.request_id][:N] for r in batch]
         return self._tensor([t + [0] * (N - len(t)) for t in tables] + [[0] * N] * (Bp - len(batch)))

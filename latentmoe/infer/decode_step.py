@@ -294,14 +294,16 @@ def gather_blocks(pool_LNbX: torch.Tensor, layer: int, block_table_BN: torch.Ten
     return gather_inline(pool_LNbX, layer, block_table_BN)
 
 
-@gather_blocks.register_fake
-def _(pool_LNbX, layer, block_table_BN):
-    B, N = block_table_BN.shape
-    _, _, bs, X = pool_LNbX.shape
-    return pool_LNbX.new_empty(B, N * bs, X)
+gather_blocks.register_fake(gather_inline)  # the same shapes, traced on fake tensors
 
 
 EXTERN_GATHER_BYTES = 4 * 2**20  # larger gathers run as aten's copy inside the compiled graph (see gather_rows)
+
+
+def gather_bytes(pool_LNbX: torch.Tensor, batch: int, blocks: int) -> int:
+    """Bytes one layer's gather copies for ``batch`` sequences of ``blocks`` blocks each (pure)."""
+    _, _, bs, X = pool_LNbX.shape
+    return batch * blocks * bs * X * pool_LNbX.element_size()
 
 
 def gather_rows(pool_LNbX: torch.Tensor, layer: int, block_table_BN: torch.Tensor) -> torch.Tensor:
@@ -311,8 +313,6 @@ def gather_rows(pool_LNbX: torch.Tensor, layer: int, block_table_BN: torch.Tenso
     one thread): for a gather of a few MiB inductor's fused code is as fast as aten's or faster (batch 1 at
     4,096 cached rows: 5.7 vs 7.0 ms a step), while at 21 MiB a layer (batch 16 at 4,096) it is 2-3x slower
     (87 vs 67 ms a step), so gathers past ``EXTERN_GATHER_BYTES`` call aten's through :func:`gather_blocks`."""
-    B, N = block_table_BN.shape
-    _, _, bs, X = pool_LNbX.shape
-    if B * N * bs * X * pool_LNbX.element_size() > EXTERN_GATHER_BYTES:
+    if gather_bytes(pool_LNbX, *block_table_BN.shape) > EXTERN_GATHER_BYTES:
         return gather_blocks(pool_LNbX, layer, block_table_BN)
     return gather_inline(pool_LNbX, layer, block_table_BN)

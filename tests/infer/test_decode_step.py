@@ -105,7 +105,8 @@ def test_static_drafts_equal_the_reference_drafts(trained_tiny_mtp2, spec, monke
     """Draft windows through StaticDraft give the MTP logits the reference runner's mtp_forward gives, draft
     for draft (the tokens alone would not show a wrong draft: verification keeps them right either way)."""
     model = trained_tiny_mtp2
-    prompts = random_prompts(model.config.vocab_size, 7, seed=8, longest=MAX_STATIC_DRAFT_WINDOW + 4)
+    prompts = random_prompts(model.config.vocab_size, 6, seed=8, longest=MAX_STATIC_DRAFT_WINDOW + 4)
+    prompts.append([0] + list(range(2, MAX_STATIC_DRAFT_WINDOW + 6)))  # its first draft window is too wide
     params = SamplingParams(max_tokens=16, temperature=0.0)
     proposed: list[torch.Tensor] = []
     propose = ModelRunner._propose
