@@ -35,15 +35,12 @@ from latentmoe.model.transformer import CausalLM
 
 log = logging.getLogger(__name__)
 
-# inductor options (read-only). A C++ wrapper calls the kernels: ~20% off a step. Matrix-vector products (one
-# row: batch 1) become inductor's own fused reductions instead of BLAS calls, the vocabulary-wide head
-# included: in bf16 oneDNN's one-row GEMMs ran 3x slower than fp32's, and the step went 3.2 -> 1.5 ms (fp32
-# 1.68 -> 1.59 ms; `small`, batch 1, 512 cached rows, 2 threads)
-ONE_ROW_MM_MAX_WIDTH = 8192
-COMPILE_OPTIONS = MappingProxyType({
-    "cpp_wrapper": True,
-    "post_grad_fusion_options": {"decompose_mm_pass": {"cpu_max_other_dimension_decomposition": ONE_ROW_MM_MAX_WIDTH}},
-})
+# inductor options (read-only). A C++ wrapper calls the kernels: ~20% off a step. The decompose_mm pass turns
+# matrix-vector products (one row: batch 1) up to 2,048 wide into inductor's own fused reductions instead of
+# BLAS calls: in bf16 oneDNN's one-row GEMMs ran 3x slower than fp32's. Its width limit is read when torch
+# imports the pass, before any compile option applies, so options cannot raise it: the vocabulary-wide head
+# is written as a reduction in the step itself (decode_step.head_logits)
+COMPILE_OPTIONS = MappingProxyType({"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}})
 RECOMPILE_LIMIT = 256  # graphs per step function: buckets of batch x new tokens x cache blocks
 MAX_STATIC_DRAFT_WINDOW = 8  # wider draft windows (a prompt's first draft) run the reference: one graph each
 # Batches whose cached rows exceed this per layer run the reference runner: the static step copies every row

@@ -274,8 +274,8 @@ class MoE(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- static shapes
 # The two routed-expert computations below have shapes that do not depend on the routing (what a compiled,
-# static-shape decode step needs; latentmoe.infer.decode_step). Both equal Experts.forward (the grouped
-# reference) and the per-token loop in tests/reference/moe.py.
+# static-shape decode step needs; latentmoe.infer.decode_step). Both equal Experts.forward (the reference: a
+# Python loop over the experts) and the per-token loop in tests/reference/moe.py.
 
 
 def gathered_experts(
@@ -299,7 +299,36 @@ def gathered_experts(
     return (y_TKD * topk_weight_TK[:, :, None].to(y_TKD.dtype)).sum(1).to(x_TD.dtype)
 
 
-def dense_experts(
+# what F.grouped_mm computes on the CPU: these dtypes, rows a multiple of 16 bytes; anything else (float64: the
+# tests' references) takes a loop of products
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GROUPED_MM_ALIGN_BYTES = 16
+
+
+@torch.library.custom_op("latentmoe::grouped_linear", mutates_args=())
+def grouped_linear(x_AD: torch.Tensor, weight_END: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
+    """Rows ``[ends_E[e-1], ends_E[e])`` of ``x_AD`` times ``weight_END[e]ᵀ`` for each group e: ``[A, N]``.
+
+    ``F.grouped_mm`` (one call, aten's loop of products per group) wrapped as an op of our own: its shape
+    function accepts only bf16 (what its CUDA kernel takes), while the CPU computes fp32 too; a compiled graph
+    sees only this op's static output shape. ``ends_E[-1]`` must be A (every row in a group)."""
+    aligned = all(n * x_AD.element_size() % GROUPED_MM_ALIGN_BYTES == 0 for n in weight_END.shape[1:])
+    if x_AD.dtype in GROUPED_MM_DTYPES and aligned:
+        return F.grouped_mm(x_AD, weight_END.transpose(1, 2), offs=ends_E.to(torch.int32))
+    out_AN = x_AD.new_empty(x_AD.shape[0], weight_END.shape[1])
+    start = 0
+    for e, end in enumerate(ends_E.tolist()):
+        out_AN[start:end] = x_AD[start:end] @ weight_END[e].t()
+        start = end
+    return out_AN
+
+
+@grouped_linear.register_fake
+def _grouped_linear_shape(x_AD, weight_END, ends_E):
+    return x_AD.new_empty(x_AD.shape[0], weight_END.shape[1])
+
+
+def grouped_experts(
     x_TD: torch.Tensor,
     topk_idx_TK: torch.Tensor,
     topk_weight_TK: torch.Tensor,
@@ -307,18 +336,21 @@ def dense_experts(
     up_EID: torch.Tensor,
     down_EDI: torch.Tensor,
 ) -> torch.Tensor:
-    """The same sum, with every expert run on every token and weighted by a ``[T, E]`` combine matrix that is
-    zero outside each token's top-k: E weight reads and T·E FFNs of work, the choice once T·K reaches the number
-    of experts (a decode batch of 16 with top-4 of 16). Returns ``[T, D]`` in x's dtype."""
-    T, D = x_TD.shape
-    E, I, _ = gate_EID.shape
-    combine_TE = torch.zeros(T, E, dtype=topk_weight_TK.dtype, device=x_TD.device).scatter_(
-        1, topk_idx_TK, topk_weight_TK)
-    gate_TEI = (x_TD @ gate_EID.reshape(E * I, D).t()).view(T, E, I)
-    up_TEI = (x_TD @ up_EID.reshape(E * I, D).t()).view(T, E, I)
-    h_ETI = (F.silu(gate_TEI) * up_TEI).transpose(0, 1)
-    y_ETD = torch.bmm(h_ETI, down_EDI.transpose(1, 2))
-    return torch.einsum("te,etd->td", combine_TE.to(y_ETD.dtype), y_ETD).to(x_TD.dtype)
+    """The same sum with the T·K (token, expert) pairs sorted by expert and each expert's rows run as one
+    product (:func:`grouped_linear`): every chosen expert's weights read once and T·K FFNs of work, the choice
+    once T·K reaches the number of experts (a decode batch of 16 with top-4 of 16). The sort, the group ends
+    and the un-sort are shape-static; only the ends' values depend on the routing. Returns ``[T, D]``."""
+    T, K = topk_idx_TK.shape
+    D, E = x_TD.shape[1], gate_EID.shape[0]
+    expert_A = topk_idx_TK.reshape(-1)
+    order_A = expert_A.argsort(stable=True)
+    # assignments per expert without bincount (whose output length would depend on the data)
+    ends_E = (expert_A[:, None] == torch.arange(E, device=x_TD.device)).sum(0).cumsum(0)
+    x_AD = x_TD[order_A // K]
+    h_AI = F.silu(grouped_linear(x_AD, gate_EID, ends_E)) * grouped_linear(x_AD, up_EID, ends_E)
+    y_AD = grouped_linear(h_AI, down_EDI, ends_E)
+    y_TKD = y_AD[order_A.argsort()].view(T, K, D)
+    return (y_TKD * topk_weight_TK[:, :, None].to(y_TKD.dtype)).sum(1).to(x_TD.dtype)
 
 
 def static_experts(
@@ -328,7 +360,7 @@ def static_experts(
     experts: Experts,
 ) -> torch.Tensor:
     """:func:`gathered_experts` when T·K < E (fewer chosen pairs than experts: fewer weight bytes), else
-    :func:`dense_experts`; the choice depends on shapes only, never on the routing."""
+    :func:`grouped_experts`; the choice depends on shapes only, never on the routing."""
     T, K = topk_idx_TK.shape
-    compute = gathered_experts if T * K < experts.n_experts else dense_experts
+    compute = gathered_experts if T * K < experts.n_experts else grouped_experts
     return compute(x_TD, topk_idx_TK, topk_weight_TK, experts.gate_proj, experts.up_proj, experts.down_proj)

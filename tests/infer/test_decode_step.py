@@ -17,7 +17,7 @@ from latentmoe.infer import Engine, SamplingParams, SpeculativeConfig, decode_st
 from latentmoe.infer.compiled_runner import MAX_STATIC_DRAFT_WINDOW, CompiledRunner
 from latentmoe.infer.decode_step import StaticDraft, StaticStep, block_bucket, bucket
 from latentmoe.infer.runner import ModelRunner
-from latentmoe.model.moe import Experts, dense_experts, gathered_experts, static_experts
+from latentmoe.model.moe import Experts, gathered_experts, grouped_experts, grouped_linear, static_experts
 from tests.reference.moe import experts_reference
 
 
@@ -43,7 +43,9 @@ def test_bucket_by_hand():
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 7])
-def test_gathered_and_dense_experts_equal_grouped_and_per_token_loop(tokens):
+def test_gathered_and_grouped_experts_equal_the_reference_and_per_token_loop(tokens):
+    """In float64 (grouped_linear's loop of products) and in fp32 (F.grouped_mm, against the float64 loop);
+    7 tokens x top-3 of 6 leave no expert empty, 1 and 2 leave some empty (empty groups)."""
     torch.manual_seed(tokens)
     experts = Experts(6, 16, 24).double()
     for p in experts.parameters():
@@ -53,9 +55,23 @@ def test_gathered_and_dense_experts_equal_grouped_and_per_token_loop(tokens):
     w = torch.rand(tokens, 3, dtype=torch.float64)
     loop = experts_reference(experts.gate_proj, experts.up_proj, experts.down_proj, x, idx, w)
     weights = (experts.gate_proj, experts.up_proj, experts.down_proj)
-    for y in (experts(x, idx, w), gathered_experts(x, idx, w, *weights), dense_experts(x, idx, w, *weights),
+    for y in (experts(x, idx, w), gathered_experts(x, idx, w, *weights), grouped_experts(x, idx, w, *weights),
               static_experts(x, idx, w, experts)):
         torch.testing.assert_close(y, loop, rtol=1e-10, atol=1e-12)
+    fp32 = grouped_experts(x.float(), idx, w.float(), *(t.float() for t in weights))
+    torch.testing.assert_close(fp32, loop.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_linear_by_hand():
+    """Rows 0-1 through weight 0 (identity), none through weight 1 (an empty group), row 2 through weight 2
+    (reversal); 4 fp32 columns take F.grouped_mm (16-byte rows), 2 columns and float64 the loop."""
+    ends = torch.tensor([2, 2, 3])
+    for width in (4, 2):
+        x = torch.arange(3.0 * width).view(3, width)
+        weight = torch.stack([torch.eye(width), torch.full((width, width), 9.0), torch.eye(width).flip(0)])
+        expected = torch.stack([x[0], x[1], x[2].flip(0)])
+        for dtype in (torch.float32, torch.float64):
+            torch.testing.assert_close(grouped_linear(x.to(dtype), weight.to(dtype), ends), expected.to(dtype))
 
 
 def random_prompts(vocab: int, count: int, seed: int, longest: int = 30) -> list[list[int]]:
@@ -230,8 +246,11 @@ def test_static_step_logits_equal_the_model_forward():
     new_ids = torch.stack([ids[b, n : n + 1] for b, n in enumerate(n_cached)])
     with torch.no_grad():
         logits, _, rows = step(new_ids, lengths, table, cache.pool_LNbX)
+        one_row, _, _ = step(new_ids[:1], lengths[:1], table[:1], cache.pool_LNbX)  # the head as a reduction
     for b, n in enumerate(n_cached):
         torch.testing.assert_close(logits[b, 0], expected[b, n], rtol=1e-10, atol=1e-10)
+    # one row: the fp32 router's matrix-vector product rounds unlike the forward's matrix product (1e-9 here)
+    torch.testing.assert_close(one_row[0, 0], expected[0, n_cached[0]], rtol=1e-6, atol=1e-8)
     assert rows.shape == (model.config.num_hidden_layers, 3, 1, cache.width)
 
 
