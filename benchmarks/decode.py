@@ -52,6 +52,7 @@ from common import median_time, write_results  # noqa: E402
 
 from latentmoe import CausalLM  # noqa: E402
 from latentmoe.infer import Engine, SamplingParams, SpeculativeConfig  # noqa: E402
+from latentmoe.infer.speculative import DraftPlan  # noqa: E402
 from latentmoe.model.moe import MoE  # noqa: E402
 
 BANDWIDTH_BYTES = 256 * 2**20  # large enough to stream from DRAM, not cache
@@ -168,6 +169,64 @@ def touched_experts(model: CausalLM, prompts: list[list[int]], tokens: list[list
         for h in hooks:
             h.remove()
     return float(sum(counts))
+
+
+def speculative_reads(model: CausalLM, prompts: list[list[int]], params: SamplingParams,
+                      spec: SpeculativeConfig) -> dict[str, float]:
+    """Distinct routed experts one engine step reads (per layer or MTP pass, summed), by kind, replaying the
+    generation eagerly: ``decode`` (plain decoding, one new token per sequence), ``verify`` (1 + drafts per
+    sequence through the main model) and ``draft`` (the MTP passes after a verification). A layer's experts
+    are the union over the step's forwards (the compiled step runs the whole batch in one)."""
+    plan = spec.resolve(len(model.mtp))
+    widest = 1 + plan.num_draft_tokens
+    main = [b.mlp for b in model.model.layers if isinstance(b.mlp, MoE)]
+    modules = [m.block.mlp for m in model.mtp[: plan.chain_modules] if isinstance(m.block.mlp, MoE)]
+    totals: dict[str, list[int]] = {"decode": [], "verify": [], "draft": []}
+    chosen: dict[tuple[str, int], torch.Tensor] = {}  # (kind, layer or pass) -> experts used in this step
+
+    def hook(key: str, index: int, limit: int):
+        def record(module, inputs, output):
+            if inputs[0].shape[1] <= limit:  # wider: a prefill, or the first draft window after it
+                used = output.load_E > 0
+                chosen[key, index] = chosen[key, index] | used if (key, index) in chosen else used
+        return record
+
+    for kind, speculative in (("decode", False), ("verify", spec)):
+        hooks = [m.register_forward_hook(hook(kind, i, 1 if kind == "decode" else widest)) for i, m in enumerate(main)]
+        if speculative:
+            hooks += [m.register_forward_hook(hook("draft", i, widest)) for i, m in enumerate(modules)]
+        engine = Engine(model, max_batch=len(prompts))
+        try:
+            for prompt in prompts:
+                engine.add_request(prompt, params, speculative=speculative)
+            while engine.has_unfinished():
+                engine.step()
+                for key in {k for k, _ in chosen}:
+                    totals[key].append(sum(int(used.sum()) for (k, _), used in chosen.items() if k == key))
+                chosen.clear()
+        finally:
+            for h in hooks:
+                h.remove()
+    return {k: statistics.mean(v) if v else 0.0 for k, v in totals.items()}
+
+
+def draft_passes(plan: DraftPlan) -> int:
+    """MTP module passes of one draft: modules 1..chain_modules, then module 1 again per further recursive draft."""
+    return plan.chain_modules + (plan.num_draft_tokens - 1 if plan.recursive else 0)
+
+
+def draft_bytes_per_step(model: CausalLM, plan: DraftPlan, tokens: int, touched_experts: float) -> float:
+    """Weight bytes of one draft: each MTP pass's module without its routed experts and the shared output head,
+    plus the routed experts the passes select and ``tokens`` embedding rows a pass."""
+    c = model.config
+    elem = model.lm_head.weight.element_size()
+    module = model.mtp[0]
+    own = sum(p.numel() for p in module.parameters())
+    routed = sum(p.numel() for p in module.block.mlp.experts.parameters()) if isinstance(module.block.mlp, MoE) \
+        else 0
+    per_expert = 3 * c.hidden_size * c.moe_intermediate_size
+    per_pass = own - routed + model.lm_head.weight.numel() + tokens * c.hidden_size
+    return elem * (draft_passes(plan) * per_pass + touched_experts * per_expert)
 
 
 def blocks_for(prompts: list[list[int]], steps: int) -> int:
@@ -527,11 +586,35 @@ def speculative_part(args, model, tokenizer, cases) -> None:
                           "paper: 85-90% (TR 5.4.3)", f">= {ACCEPTANCE_GOAL:.0%}" if goal_acc else None, None,
                           met=per_position[0] >= ACCEPTANCE_GOAL if goal_acc else None,
                           per_position=[round(x, 3) for x in per_position]))
+        bound = bytes_bound(model, prompts, params, spec, args.spec_tokens, limits["tokens_per_step_per_sequence"])
         goal = SPEEDUP_GOAL.get(batch)
         cases.append(case(f"MTP batch={batch} speed-up", "decode tokens/s", rate["mtp"], rate["plain"],
                           "our plain decoding, same engine settings", f">= {goal}x" if goal else None, goal,
                           same_tokens_as_plain=same, draft_share_of_step_time=round(statistics.median(shares), 3),
-                          compiled=not args.no_compile, **limits))
+                          compiled=not args.no_compile, **limits, **bound))
+        print(f"  bytes a step reads: plain {bound['plain_step_mb']} MB, verify {bound['verify_step_mb']} MB, "
+              f"draft {bound['draft_step_mb']} MB; at {limits['tokens_per_step_per_sequence']} tokens a step the "
+              f"speed-up the bytes allow is {bound['bytes_bound_speedup']}x", flush=True)
+
+
+def bytes_bound(model, prompts, params, spec, new_tokens: int, tokens_per_step: float) -> dict:
+    """What speculation can gain where a step's time is its bytes: tokens a step × plain decoding's bytes a step
+    / (verification's + the draft's). A verification of 1 + k tokens per sequence reads the routed experts all
+    of them select, not one token's; the draft reads the MTP module and the head again."""
+    plan = spec.resolve(len(model.mtp))
+    reads = speculative_reads(model, prompts, params, spec)
+    B, width = len(prompts), 1 + plan.num_draft_tokens
+    per_token = Engine(model, num_blocks=1, mtp_cache=False).cache_bytes_per_token()  # the main model's layers
+    cached = B * (len(prompts[0]) + new_tokens / 2) * per_token  # rows read a step, mid-generation
+    plain = weight_bytes_per_step(model, B, reads["decode"]) + cached
+    verify = weight_bytes_per_step(model, B * width, reads["verify"]) + cached
+    draft = draft_bytes_per_step(model, plan, B * width, reads["draft"]) \
+        + draft_passes(plan) * cached / model.config.num_hidden_layers
+    mb = 1 / 2**20
+    return {"plain_step_mb": round(plain * mb, 2), "verify_step_mb": round(verify * mb, 2),
+            "draft_step_mb": round(draft * mb, 2),
+            "experts_per_step": {k: round(v, 2) for k, v in reads.items()},
+            "bytes_bound_speedup": round(tokens_per_step * plain / (verify + draft), 3)}
 
 
 def main(argv=None) -> int:

@@ -91,6 +91,8 @@ class EngineStats:
     ``prefill_shared_tokens`` were copied from a common prefix with a prompt admitted in the same step.
     ``placed_tokens`` were prefilled by another engine and placed here (handoff.py).
     ``draft_tokens`` / ``accepted_draft_tokens``: speculative drafts verified / accepted, all requests.
+    ``draft_s`` is the part of ``decode_s`` spent drafting (a request's first draft, right after its prefill,
+    counts in ``prefill_s``).
     ``finished_requests`` ended by themselves (length or stop), ``aborted_requests`` by :meth:`Engine.abort`."""
 
     prefill_s: float = 0.0
@@ -452,7 +454,7 @@ class Engine:
         self.stats.prefill_shared_tokens += result.shared_tokens
         self._emit(request, [result.token], events)
         if request.plan is not None and not request.finished:
-            self._draft([request], request.plan)
+            self.runner.draft([request], request.plan)
         self.stats.prefill_s += self.clock() - t0
 
     def _speculate(self, group: list[Request], plan: DraftPlan, events: list[RequestOutput]) -> None:
@@ -463,12 +465,9 @@ class Engine:
             self._emit(r, v.tokens, events)
         live = [r for r in group if not r.finished]
         if live:
-            self._draft(live, plan)
-
-    def _draft(self, group: list[Request], plan: DraftPlan) -> None:
-        t0 = self.clock()
-        self.runner.draft(group, plan)
-        self.stats.draft_s += self.clock() - t0
+            t0 = self.clock()
+            self.runner.draft(live, plan)
+            self.stats.draft_s += self.clock() - t0
 
     def _emit(self, request: Request, tokens: list[int], events: list[RequestOutput]) -> None:
         """Hand emitted tokens to the output processor; a request that finished leaves at once."""

@@ -176,6 +176,25 @@ def test_per_request_statistics(trained_tiny_mtp2):
     assert len(st.acceptance_per_position) == trained_tiny_mtp2.config.num_nextn_predict_layers
 
 
+def test_draft_time_is_the_part_of_decode_time_spent_drafting(trained_tiny_mtp2):
+    now = [0.0]  # a clock that only drafting moves: each draft takes 10 "seconds"
+    engine = Engine(trained_tiny_mtp2, block_size=4, clock=lambda: now[0])
+    draft, drafts = engine.runner.draft, []
+
+    def slow_draft(group, plan):
+        now[0] += 10.0
+        drafts.append(len(group))
+        return draft(group, plan)
+
+    engine.runner.draft = slow_draft
+    prompts = [[0, 5, 6, 7], [0, 9, 8]]
+    engine.generate(prompts, SamplingParams(max_tokens=10, temperature=0), speculative=True)
+    st = engine.stats
+    # each request's first draft runs right after its prefill (one call each); the rest inside decode steps
+    assert st.prefill_s == 10.0 * len(prompts)
+    assert st.draft_s == st.decode_s == 10.0 * (len(drafts) - len(prompts))
+
+
 def test_stop_string_helpers():
     assert find_stop("hello world", ["wor", "lo"]) == 3
     assert find_stop("hello", ["xyz"]) is None
