@@ -26,7 +26,9 @@ sides run the same function past the trained length). fp32, greedy, ``--threads`
 5. **bf16 weights**: decode at batch 1 with the model in bf16 (compiled), against our fp32 decode; logits within
    ``BF16_TOLERANCE`` of fp32.
 6. **MTP speculation** on validation prompts: acceptance per draft position, the draft's share of step time,
-   speed-up over our own compiled plain decoding at batch 1 and 16.
+   speed-up over our own compiled plain decoding at batch 1 and 16 — and the speed-up the bytes allow: tokens a
+   step × a plain step's bytes / (a verification's + a draft's), with the routed experts each reads counted in
+   an eager replay of the same generation (a verification of 1 + k tokens reads the experts all of them chose).
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ BF16_GOAL = 1.5
 BF16_TOLERANCE = 3e-2  # relative error of bf16-weight logits against fp32 (8 mantissa bits through 6 layers)
 ACCEPTANCE_GOAL = 0.80
 SPEEDUP_GOAL = {1: 1.6, 16: 1.2}
+SPEC_PROMPTS = 16  # validation prompts of the speculative part
+SPEC_PROMPT_TOKENS = 32
 LOGITS_TOLERANCE = 1e-4  # llama.cpp against ours before timing it
 CHECK_TOKENS = 64  # prompt length of the logits check
 BLOCK_SIZE = 64
@@ -171,12 +175,13 @@ def touched_experts(model: CausalLM, prompts: list[list[int]], tokens: list[list
     return float(sum(counts))
 
 
-def speculative_reads(model: CausalLM, prompts: list[list[int]], params: SamplingParams,
+def speculative_reads(model: CausalLM, prompts: list[list[int]], batch: int, params: SamplingParams,
                       spec: SpeculativeConfig) -> dict[str, float]:
     """Distinct routed experts one engine step reads (per layer or MTP pass, summed), by kind, replaying the
-    generation eagerly: ``decode`` (plain decoding, one new token per sequence), ``verify`` (1 + drafts per
-    sequence through the main model) and ``draft`` (the MTP passes after a verification). A layer's experts
-    are the union over the step's forwards (the compiled step runs the whole batch in one)."""
+    generation eagerly with at most ``batch`` sequences running: ``decode`` (plain decoding, one new token per
+    sequence), ``verify`` (1 + drafts per sequence through the main model) and ``draft`` (the MTP passes after a
+    verification). A layer's experts are the union over the step's forwards (the compiled step runs the whole
+    batch in one)."""
     plan = spec.resolve(len(model.mtp))
     widest = 1 + plan.num_draft_tokens
     main = [b.mlp for b in model.model.layers if isinstance(b.mlp, MoE)]
@@ -195,7 +200,7 @@ def speculative_reads(model: CausalLM, prompts: list[list[int]], params: Samplin
         hooks = [m.register_forward_hook(hook(kind, i, 1 if kind == "decode" else widest)) for i, m in enumerate(main)]
         if speculative:
             hooks += [m.register_forward_hook(hook("draft", i, widest)) for i, m in enumerate(modules)]
-        engine = Engine(model, max_batch=len(prompts))
+        engine = Engine(model, max_batch=batch)
         try:
             for prompt in prompts:
                 engine.add_request(prompt, params, speculative=speculative)
@@ -550,7 +555,9 @@ def speculative_part(args, model, tokenizer, cases) -> None:
     params = SamplingParams(max_tokens=args.spec_tokens, temperature=0.0)
     spec = SpeculativeConfig(1)
     for batch in args.spec_batches:
-        prompts = validation_prompts(tokenizer, batch, 32)
+        # the same prompts at every batch size: a batch of 1 decodes them one after another (acceptance over a
+        # single prompt's 64 tokens would be a sample of a few dozen drafts)
+        prompts = validation_prompts(tokenizer, max(batch, SPEC_PROMPTS), SPEC_PROMPT_TOKENS)
         engines = {label: Engine(model, max_batch=batch, compile=not args.no_compile) for label in ("plain", "mtp")}
         for label, engine in engines.items():  # warm-up: compiles the buckets
             engine.generate(prompts, params, speculative=spec if label == "mtp" else False)
@@ -586,7 +593,8 @@ def speculative_part(args, model, tokenizer, cases) -> None:
                           "paper: 85-90% (TR 5.4.3)", f">= {ACCEPTANCE_GOAL:.0%}" if goal_acc else None, None,
                           met=per_position[0] >= ACCEPTANCE_GOAL if goal_acc else None,
                           per_position=[round(x, 3) for x in per_position]))
-        bound = bytes_bound(model, prompts, params, spec, args.spec_tokens, limits["tokens_per_step_per_sequence"])
+        bound = bytes_bound(model, prompts, batch, params, spec, args.spec_tokens,
+                            limits["tokens_per_step_per_sequence"])
         goal = SPEEDUP_GOAL.get(batch)
         cases.append(case(f"MTP batch={batch} speed-up", "decode tokens/s", rate["mtp"], rate["plain"],
                           "our plain decoding, same engine settings", f">= {goal}x" if goal else None, goal,
@@ -597,13 +605,13 @@ def speculative_part(args, model, tokenizer, cases) -> None:
               f"speed-up the bytes allow is {bound['bytes_bound_speedup']}x", flush=True)
 
 
-def bytes_bound(model, prompts, params, spec, new_tokens: int, tokens_per_step: float) -> dict:
+def bytes_bound(model, prompts, batch: int, params, spec, new_tokens: int, tokens_per_step: float) -> dict:
     """What speculation can gain where a step's time is its bytes: tokens a step × plain decoding's bytes a step
     / (verification's + the draft's). A verification of 1 + k tokens per sequence reads the routed experts all
     of them select, not one token's; the draft reads the MTP module and the head again."""
     plan = spec.resolve(len(model.mtp))
-    reads = speculative_reads(model, prompts, params, spec)
-    B, width = len(prompts), 1 + plan.num_draft_tokens
+    reads = speculative_reads(model, prompts, batch, params, spec)
+    B, width = batch, 1 + plan.num_draft_tokens
     per_token = Engine(model, num_blocks=1, mtp_cache=False).cache_bytes_per_token()  # the main model's layers
     cached = B * (len(prompts[0]) + new_tokens / 2) * per_token  # rows read a step, mid-generation
     plain = weight_bytes_per_step(model, B, reads["decode"]) + cached
