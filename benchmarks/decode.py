@@ -611,12 +611,12 @@ def bytes_bound(model, prompts, batch: int, params, spec, new_tokens: int, token
     of them select, not one token's; the draft reads the MTP module and the head again."""
     plan = spec.resolve(len(model.mtp))
     reads = speculative_reads(model, prompts, batch, params, spec)
-    B, width = batch, 1 + plan.num_draft_tokens
+    width = 1 + plan.num_draft_tokens
     per_token = Engine(model, num_blocks=1, mtp_cache=False).cache_bytes_per_token()  # the main model's layers
-    cached = B * (len(prompts[0]) + new_tokens / 2) * per_token  # rows read a step, mid-generation
-    plain = weight_bytes_per_step(model, B, reads["decode"]) + cached
-    verify = weight_bytes_per_step(model, B * width, reads["verify"]) + cached
-    draft = draft_bytes_per_step(model, plan, B * width, reads["draft"]) \
+    cached = batch * (len(prompts[0]) + new_tokens / 2) * per_token  # rows read a step, mid-generation
+    plain = weight_bytes_per_step(model, batch, reads["decode"]) + cached
+    verify = weight_bytes_per_step(model, batch * width, reads["verify"]) + cached
+    draft = draft_bytes_per_step(model, plan, batch * width, reads["draft"]) \
         + draft_passes(plan) * cached / model.config.num_hidden_layers
     mb = 1 / 2**20
     return {"plain_step_mb": round(plain * mb, 2), "verify_step_mb": round(verify * mb, 2),
